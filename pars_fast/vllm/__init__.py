@@ -1,0 +1,1 @@
+"""vLLM V1 integration: ``--scheduler-cls pars_fast.vllm.PARSScheduler``."""
