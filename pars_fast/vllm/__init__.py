@@ -1,1 +1,33 @@
-"""vLLM V1 integration: ``--scheduler-cls pars_fast.vllm.PARSScheduler``."""
+"""vLLM V1 integration: ``--scheduler-cls pars_fast.vllm.PARSScheduler``.
+
+Settings go in ``--additional-config '{"pars": {...}}'`` (or ``additional_config=`` of
+``vllm.LLM``/``AsyncEngineArgs``); see :class:`PARSConfig` for the keys. The scheduler
+classes import vLLM, so they load on first access; the config classes do not.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
+
+_LAZY = {
+    "PARSScheduler": "pars_fast.vllm.scheduler",
+    "PARSAsyncScheduler": "pars_fast.vllm.scheduler",
+    "PARSStats": "pars_fast.vllm.scoring",
+}
+
+__all__ = ["FallbackConfig", "PARSAsyncScheduler", "PARSConfig", "PARSConfigError", "PARSScheduler", "PARSStats"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pars_fast.vllm' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from pars_fast.vllm.scheduler import PARSAsyncScheduler, PARSScheduler
+    from pars_fast.vllm.scoring import PARSStats

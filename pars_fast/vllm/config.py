@@ -1,0 +1,228 @@
+"""PARS scheduler settings: ``additional_config={"pars": {...}}``, mirrored by ``PARS_FAST_*``.
+
+Precedence, highest first: the ``"pars"`` dict of vLLM's ``additional_config``, then the
+environment variable ``PARS_FAST_<KEY>`` (upper case; ``fallback`` takes JSON), then the
+default. Everything is checked when the scheduler is built, so a typo or a missing ranker
+folder stops the engine at start-up instead of at the first request.
+
+This module imports neither vLLM nor torch, so ``pars-fast serve`` can validate settings
+before it starts a server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PARS_FAST_"
+
+# Ranker names that are not folders.
+BUILTIN_RANKERS = ("default", "oracle", "prompt-length")
+
+# "package.module:attribute" names a ranker object to import (e.g. a stub in tests).
+_IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class PARSConfigError(ValueError):
+    """A PARS setting is unknown, has the wrong type, or names a missing ranker."""
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """What happens when the ranker cannot order a batch of arrivals.
+
+    Failed requests keep an FCFS key (see ``PARSScheduler``) and serving goes on.
+    """
+
+    # Seconds one batch (decode + score) may take; a slower batch is discarded and its
+    # requests are ordered FCFS. None: no limit. Off by default because the budget that
+    # makes sense depends on the device (a CPU ranker needs ~10 ms a prompt).
+    budget_s: float | None = None
+    # After a failure, skip the ranker for this many seconds (arrivals go FCFS), so a
+    # broken or overloaded ranker is not paid for at every step.
+    retry_after_s: float = 30.0
+    # "fcfs": fall back and keep serving; "raise": let the error stop the engine (debugging).
+    on_error: str = "fcfs"
+
+    @classmethod
+    def parse(cls, value: Any, source: str) -> FallbackConfig:
+        if isinstance(value, FallbackConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise PARSConfigError(f"{source}: expected a JSON object, got {value!r} ({exc})") from None
+        if not isinstance(value, Mapping):
+            raise PARSConfigError(f"{source}: expected an object like {{\"budget_s\": 1.0}}, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise PARSConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        budget = value.get("budget_s", cls.budget_s)
+        if budget is not None:
+            budget = _positive_float(budget, f"{source}.budget_s")
+        retry = _non_negative_float(value.get("retry_after_s", cls.retry_after_s), f"{source}.retry_after_s")
+        on_error = value.get("on_error", cls.on_error)
+        if on_error not in ("fcfs", "raise"):
+            raise PARSConfigError(f"{source}.on_error: expected 'fcfs' or 'raise', got {on_error!r}")
+        return cls(budget_s=budget, retry_after_s=retry, on_error=on_error)
+
+
+@dataclass(frozen=True)
+class PARSConfig:
+    """Settings of ``PARSScheduler``; precedence as in the module docstring."""
+
+    # "default" (the bundled ranker, trained on first use), "oracle" (each request's
+    # max_tokens is its true length: oracle SJF for benchmarks), "prompt-length" (baseline:
+    # longer prompt = longer response), a ranker folder, or "package.module:attr".
+    ranker: str = "default"
+    # Score units a request gains per second of waiting, so none starves: a request
+    # whose score is D above another's is served first once it has waited D / aging s more.
+    aging: float = 0.05
+    # Prompt tokens the ranker reads; decoding stops there. None: the ranker's own setting.
+    max_prompt_tokens: int | None = None
+    # Most new arrivals scored in one scheduler step; the rest wait for the next step
+    # (in FCFS position meanwhile), which bounds the latency one step can add.
+    score_batch_max: int = 256
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    # Ranker backend passed to Ranker.load ("auto", "torch", "triton", ...).
+    backend: str = "auto"
+    # JSON file the engine core rewrites with the counters after every scored batch;
+    # "{pid}" and "{dp_rank}" are filled in. None: no file.
+    stats_file: str | None = None
+    # Seconds between INFO log lines with the counters; 0 turns them off.
+    log_interval_s: float = 60.0
+
+    @classmethod
+    def from_sources(
+        cls, pars: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> PARSConfig:
+        """Merge the ``"pars"`` dict over ``PARS_FAST_*`` variables over defaults, and check it."""
+        pars = {} if pars is None else pars
+        if not isinstance(pars, Mapping):
+            raise PARSConfigError(
+                f'additional_config["pars"] must be an object like {{"ranker": "oracle"}}, got {pars!r}'
+            )
+        environ = os.environ if environ is None else environ
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(pars) - set(known))
+        if unknown:
+            raise PARSConfigError(f'additional_config["pars"]: unknown key(s) {unknown}; known keys: {known}')
+        raw: dict[str, tuple[Any, str]] = {}
+        for name in known:
+            env_name = ENV_PREFIX + name.upper()
+            if name in pars:
+                raw[name] = (pars[name], f'additional_config["pars"]["{name}"]')
+            elif env_name in environ:
+                raw[name] = (environ[env_name], env_name)
+        return cls._checked(raw)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any, environ: Mapping[str, str] | None = None) -> PARSConfig:
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        if not isinstance(additional, Mapping):
+            raise PARSConfigError(f"vLLM additional_config must be a dict to hold PARS settings, got {additional!r}")
+        return cls.from_sources(additional.get("pars"), environ)
+
+    @classmethod
+    def _checked(cls, raw: Mapping[str, tuple[Any, str]]) -> PARSConfig:
+        kwargs: dict[str, Any] = {}
+        if "ranker" in raw:
+            value, src = raw["ranker"]
+            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                raise PARSConfigError(f"{src}: expected a ranker name or folder, got {value!r}")
+            kwargs["ranker"] = str(value).strip()
+        if "aging" in raw:
+            kwargs["aging"] = _non_negative_float(*raw["aging"])
+        if "max_prompt_tokens" in raw:
+            value, src = raw["max_prompt_tokens"]
+            kwargs["max_prompt_tokens"] = None if value in (None, "") else _positive_int(value, src)
+        if "score_batch_max" in raw:
+            kwargs["score_batch_max"] = _positive_int(*raw["score_batch_max"])
+        if "fallback" in raw:
+            kwargs["fallback"] = FallbackConfig.parse(*raw["fallback"])
+        if "backend" in raw:
+            value, src = raw["backend"]
+            if not isinstance(value, str) or not value:
+                raise PARSConfigError(f"{src}: expected a backend name such as 'auto', got {value!r}")
+            kwargs["backend"] = value
+        if "stats_file" in raw:
+            value, src = raw["stats_file"]
+            if value not in (None, "") and not isinstance(value, (str, os.PathLike)):
+                raise PARSConfigError(f"{src}: expected a file path, got {value!r}")
+            if value not in (None, ""):
+                try:
+                    str(value).format(pid=0, dp_rank=0)
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise PARSConfigError(f"{src}: only {{pid}} and {{dp_rank}} can be filled in, got {value!r} ({exc!r})") from None
+            kwargs["stats_file"] = None if value in (None, "") else str(value)
+        if "log_interval_s" in raw:
+            kwargs["log_interval_s"] = _non_negative_float(*raw["log_interval_s"])
+        config = cls(**kwargs)
+        config.ranker_kind()  # a missing folder fails here, at start-up
+        return config
+
+    def ranker_kind(self) -> str:
+        """``"builtin"``, ``"import"`` or ``"folder"``; raises if a folder does not exist."""
+        if self.ranker in BUILTIN_RANKERS:
+            return "builtin"
+        path = Path(self.ranker).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise PARSConfigError(f"PARS ranker {self.ranker!r} is a file; a ranker is a folder (Ranker.save)")
+            return "folder"
+        if _IMPORT_SPEC.match(self.ranker):
+            return "import"
+        raise PARSConfigError(
+            f"PARS ranker folder not found: {str(path)!r}. Use a ranker folder (pars-fast train --out DIR), "
+            f"one of {list(BUILTIN_RANKERS)}, or 'package.module:attr'."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for ``additional_config={"pars": config.to_dict()}``."""
+        return asdict(self)
+
+
+def _positive_int(value: Any, source: str) -> int:
+    if isinstance(value, bool):
+        raise PARSConfigError(f"{source}: expected a positive integer, got {value!r}")
+    try:
+        number = int(value) if isinstance(value, (int, str)) else None
+    except ValueError:
+        number = None
+    if number is None or number <= 0:
+        raise PARSConfigError(f"{source}: expected a positive integer, got {value!r}")
+    return number
+
+
+def _float(value: Any, source: str) -> float:
+    if isinstance(value, bool):
+        raise PARSConfigError(f"{source}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PARSConfigError(f"{source}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise PARSConfigError(f"{source}: expected a finite number, got {value!r}")
+    return number
+
+
+def _non_negative_float(value: Any, source: str) -> float:
+    number = _float(value, source)
+    if number < 0:
+        raise PARSConfigError(f"{source}: expected a number >= 0, got {value!r}")
+    return number
+
+
+def _positive_float(value: Any, source: str) -> float:
+    number = _float(value, source)
+    if number <= 0:
+        raise PARSConfigError(f"{source}: expected a number > 0, got {value!r}")
+    return number

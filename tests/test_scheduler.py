@@ -1,0 +1,564 @@
+"""PARSScheduler on a real vLLM V1 scheduler, driven without a model.
+
+Each test builds vLLM's own ``Scheduler`` machinery from a real ``VllmConfig`` (the
+tiny Llama folder; KV blocks sized per test) and loops ``schedule() -> fake model
+output -> update_from_output()`` (``pars_fast.vllm.harness``), as the engine core does.
+Stub rankers are module attributes named ``f"{__name__}:Class"``, the same import
+route a user's ranker takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from pars_fast.queue import ScoredRequestQueue, aging_wait_bound
+from pars_fast.vllm import PARSAsyncScheduler, PARSConfig, PARSConfigError, PARSScheduler
+from pars_fast.vllm.harness import (
+    RequestFactory,
+    admission_order,
+    finish_order,
+    make_scheduler,
+    make_vllm_config,
+    run_until_idle,
+    step,
+)
+from pars_fast.vllm.scoring import DECODE_SLACK
+
+# ---------------------------------------------------------------------- stub rankers
+
+
+class NumberRanker:
+    """Scores a prompt by the first integer in it; records every batch it is given."""
+
+    calls: list[list[str]] = []
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        NumberRanker.calls.append(list(prompts))
+        return np.array([_first_number(p) for p in prompts], dtype=np.float32)
+
+
+def _first_number(text: str) -> float:
+    match = re.search(r"\d+", text)
+    return float(match.group()) if match else 0.0
+
+
+class RaisingRanker:
+    calls = 0
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        RaisingRanker.calls += 1
+        raise RuntimeError("ranker exploded")
+
+
+class NaNRanker:
+    """NaN for prompts that say "nan", else the number in them."""
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        return np.array([math.nan if "nan" in p else _first_number(p) for p in prompts], dtype=np.float32)
+
+
+class ShortRanker:
+    """Returns one score too few."""
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        return np.zeros(len(prompts) - 1, dtype=np.float32)
+
+
+class SlowRanker:
+    calls = 0
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        SlowRanker.calls += 1
+        time.sleep(0.2)
+        return np.array([_first_number(p) for p in prompts], dtype=np.float32)
+
+
+def spec(cls: type) -> str:
+    return f"{__name__}:{cls.__name__}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_stub_rankers():
+    NumberRanker.calls = []
+    RaisingRanker.calls = 0
+    SlowRanker.calls = 0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def factory():
+    return RequestFactory(block_size=16)
+
+
+@pytest.fixture
+def build(tiny_llama_dir):
+    """build(cls, pars=None, **config) -> scheduler on the tiny Llama."""
+
+    def _build(cls=PARSScheduler, pars=None, **kwargs):
+        return make_scheduler(cls, make_vllm_config(tiny_llama_dir, pars=pars, **kwargs))
+
+    return _build
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assert_empty(sched: Scheduler) -> None:
+    assert not sched.has_requests()
+    assert sched.get_num_unfinished_requests() == 0
+    assert not sched.requests and not sched.running
+    assert len(sched.waiting) == 0 and len(sched.kv_holding_waiting) == 0
+    assert sched.kv_cache_manager.usage == 0.0
+
+
+# ---------------------------------------------------------------------- order
+
+
+@pytest.mark.parametrize("cls", [PARSScheduler, Scheduler], ids=["pars", "vllm-fcfs"])
+def test_admission_follows_oracle_scores(build, factory, cls):
+    """One slot: PARS admits shortest max_tokens first; vLLM's FCFS admits in arrival order."""
+    sched = build(cls, pars={"ranker": "oracle"}, max_num_seqs=1)
+    rng = random.Random(0)
+    lengths = rng.sample(range(1, 60), 12)
+    t0 = time.time()
+    reqs = [factory.make([7] * rng.randint(1, 40), n, arrival_time=t0 + i * 1e-3) for i, n in enumerate(lengths)]
+    for r in reqs:
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    by_length = [r.request_id for r in sorted(reqs, key=lambda r: r.max_tokens)]
+    arrival = [r.request_id for r in reqs]
+    assert admission_order(results) == (by_length if cls is PARSScheduler else arrival)
+    assert sorted(finish_order(results)) == sorted(arrival)
+    assert_empty(sched)
+
+
+def test_queues_and_policy_replaced(build):
+    sched = build(pars={"ranker": "oracle"})
+    assert isinstance(sched.waiting, ScoredRequestQueue)
+    assert isinstance(sched.kv_holding_waiting, ScoredRequestQueue)
+    assert sched.policy == SchedulingPolicy.PRIORITY  # vLLM preempts the max-priority (longest) request
+
+
+def test_text_ranker_sees_decoded_truncated_prompts(build, factory, tokenizer):
+    """Token ids are decoded with the served tokenizer, cut to what the ranker reads, and scored."""
+    sched = build(pars={"ranker": spec(NumberRanker), "max_prompt_tokens": 8}, max_num_seqs=1)
+    numbers = [5, 42, 17, 3, 29, 11]
+    filler = " the quick brown fox jumps over the lazy dog" * 6
+    reqs = [factory.make(prompt_ids(tokenizer, f"task {n} :{filler}"), 3) for n in numbers]
+    for r in reqs:
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert len(NumberRanker.calls) == 1  # one batch for the burst
+    cut = math.ceil(8 * DECODE_SLACK)
+    expected = [tokenizer.decode(r.prompt_token_ids[:cut], skip_special_tokens=True) for r in reqs]
+    assert NumberRanker.calls[0] == expected
+    assert all(len(r.prompt_token_ids) > cut for r in reqs)  # the cut really shortened them
+    assert admission_order(results) == [r.request_id for _, r in sorted(zip(numbers, reqs), key=lambda p: p[0])]
+    stats = sched.pars_stats()
+    assert stats["requests_scored"] == len(reqs) and stats["requests_fallback"] == 0
+    assert stats["decode_seconds"] > 0 and stats["scoring_seconds"] >= stats["decode_seconds"]
+    assert_empty(sched)
+
+
+def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(NumberRanker)}, max_num_seqs=1)
+    for n in range(10):
+        sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 4))
+    step(sched)
+    assert [len(c) for c in NumberRanker.calls] == [10]
+    for _ in range(5):  # no arrivals: the ranker is not called again
+        step(sched)
+    assert len(NumberRanker.calls) == 1
+    for n in range(3):
+        sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 4))
+    step(sched)
+    assert [len(c) for c in NumberRanker.calls] == [10, 3]
+    run_until_idle(sched)
+    assert sched.pars_stats()["batches"] == 2
+    assert_empty(sched)
+
+
+def test_score_batch_max_spreads_a_burst_over_steps(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(NumberRanker), "score_batch_max": 4}, max_num_seqs=1)
+    for n in range(10):
+        sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 2))
+    for _ in range(3):
+        step(sched)
+    assert [len(c) for c in NumberRanker.calls] == [4, 4, 2]
+    run_until_idle(sched)
+    assert sched.pars_stats()["requests_scored"] == 10
+    assert_empty(sched)
+
+
+def test_client_priority_does_not_override_scores(build, factory):
+    sched = build(pars={"ranker": "oracle"}, max_num_seqs=1)
+    t0 = time.time()
+    long_vip = factory.make([1] * 8, 50, arrival_time=t0, priority=-1000)
+    short = factory.make([1] * 8, 2, arrival_time=t0 + 1e-3)
+    sched.add_request(long_vip)
+    sched.add_request(short)
+    assert admission_order(run_until_idle(sched)) == [short.request_id, long_vip.request_id]
+
+
+# ---------------------------------------------------------------------- aborts and counts
+
+
+def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(NumberRanker)}, max_num_seqs=2)
+    reqs = [factory.make(prompt_ids(tokenizer, f"job {n}"), 3) for n in range(6)]
+    for r in reqs:
+        sched.add_request(r)
+    # Not scored yet, but vLLM already counts them.
+    assert sched.get_request_counts() == (0, 6)
+    assert sched.get_num_unfinished_requests() == 6 and sched.has_requests()
+    aborted = sched.finish_requests([reqs[1].request_id, reqs[4].request_id], RequestStatus.FINISHED_ABORTED)
+    assert {r.request_id for r in aborted} == {reqs[1].request_id, reqs[4].request_id}
+    assert sched.get_num_unfinished_requests() == 4
+    results = run_until_idle(sched)
+    assert NumberRanker.calls == [[f"job {n}" for n in (0, 2, 3, 5)]]  # aborted ones never scored
+    assert sorted(finish_order(results)) == sorted(r.request_id for i, r in enumerate(reqs) if i not in (1, 4))
+    assert_empty(sched)
+
+
+# ---------------------------------------------------------------------- fallback
+
+
+def test_raising_ranker_falls_back_to_fcfs(build, factory, tokenizer, caplog):
+    sched = build(pars={"ranker": spec(RaisingRanker), "fallback": {"retry_after_s": 0}}, max_num_seqs=1)
+    rng = random.Random(1)
+    t0 = time.time()
+    reqs, results = [], []
+    with caplog.at_level(logging.WARNING, logger="pars_fast"):
+        for _ in range(3):  # three batches, three ranker failures
+            for _ in range(4):
+                r = factory.make(prompt_ids(tokenizer, f"n {rng.randint(0, 99)}"), 3, arrival_time=t0 + len(reqs) * 1e-3)
+                reqs.append(r)
+                sched.add_request(r)
+            results.append(step(sched))
+        results += run_until_idle(sched)
+    assert RaisingRanker.calls == 3
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
+    stats = sched.pars_stats()
+    assert stats["requests_fallback"] == 12 and stats["requests_scored"] == 0
+    assert stats["failed_batches"] == 3 and stats["fallback_reasons"] == {"error": 12}
+    assert "ranker exploded" in stats["last_fallback_reason"]
+    warnings = [r for r in caplog.records if "falling back to FCFS" in r.getMessage()]
+    assert len(warnings) == 1 and "ranker exploded" in warnings[0].getMessage()
+    assert_empty(sched)
+
+
+def test_raising_ranker_serves_in_arrival_order(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(RaisingRanker)}, max_num_seqs=1)
+    t0 = time.time()
+    numbers = [50, 3, 20, 7, 90, 1, 33]
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate(numbers)]
+    for r in reqs:
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert admission_order(results) == [r.request_id for r in reqs]
+    assert finish_order(results) == [r.request_id for r in reqs]
+    assert_empty(sched)
+
+
+def test_nan_scores_fall_back_per_request(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(NaNRanker)}, max_num_seqs=1)
+    texts = ["n 30", "nan 1", "n 10", "n 20", "nan 2"]
+    t0 = time.time()
+    reqs = [factory.make(prompt_ids(tokenizer, t), 2, arrival_time=t0 + i * 1e-3) for i, t in enumerate(texts)]
+    for r in reqs:
+        sched.add_request(r)
+    order = admission_order(run_until_idle(sched))
+    ids = {t: r.request_id for t, r in zip(texts, reqs)}
+    # Scored ones by score; the NaN ones keep FCFS order, placed at the mean score (20).
+    scored = [o for o in order if o not in (ids["nan 1"], ids["nan 2"])]
+    assert scored == [ids["n 10"], ids["n 20"], ids["n 30"]]
+    assert order.index(ids["nan 1"]) < order.index(ids["nan 2"])
+    stats = sched.pars_stats()
+    assert stats["requests_scored"] == 3 and stats["requests_fallback"] == 2
+    assert stats["fallback_reasons"] == {"non-finite": 2} and stats["failed_batches"] == 0
+    assert_empty(sched)
+
+
+def test_wrong_length_output_falls_back(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(ShortRanker)}, max_num_seqs=1)
+    t0 = time.time()
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
+    for r in reqs:
+        sched.add_request(r)
+    assert admission_order(run_until_idle(sched)) == [r.request_id for r in reqs]
+    stats = sched.pars_stats()
+    assert stats["fallback_reasons"] == {"bad output": 3} and "shape" in stats["last_fallback_reason"]
+
+
+def test_over_budget_batch_falls_back_then_ranker_rests(build, factory, tokenizer):
+    pars = {"ranker": spec(SlowRanker), "fallback": {"budget_s": 0.05, "retry_after_s": 600}}
+    sched = build(pars=pars, max_num_seqs=1)
+    t0 = time.time()
+    first = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
+    for r in first:
+        sched.add_request(r)
+    step(sched)
+    later = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + 1 + i * 1e-3) for i, n in enumerate([4, 2])]
+    for r in later:
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert SlowRanker.calls == 1  # the second batch is not sent to a ranker that just failed
+    stats = sched.pars_stats()
+    assert stats["fallback_reasons"] == {"over budget": 3, "cool-down": 2}
+    assert [first[0].request_id] + admission_order(results) == [r.request_id for r in first + later]
+
+
+def test_on_error_raise_propagates(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(RaisingRanker), "fallback": {"on_error": "raise"}})
+    sched.add_request(factory.make(prompt_ids(tokenizer, "n 1"), 2))
+    with pytest.raises(RuntimeError, match="ranker exploded"):
+        sched.schedule()
+
+
+# ---------------------------------------------------------------------- preemption
+
+
+@pytest.mark.parametrize("cls", [PARSScheduler, Scheduler], ids=["pars", "vllm-fcfs"])
+def test_preemption_evicts_longest_predicted(build, factory, cls):
+    """Long request A runs first, short B joins; when KV runs out PARS evicts A, vLLM FCFS evicts B."""
+    sched = build(cls, pars={"ranker": "oracle"}, max_num_seqs=4, num_blocks=7, block_size=16)
+    t0 = time.time()
+    a = factory.make([3] * 16, 60, arrival_time=t0)
+    b = factory.make([4] * 16, 40, arrival_time=t0 + 1e-3)
+    sched.add_request(a)
+    results = [step(sched)]
+    sched.add_request(b)
+    results += run_until_idle(sched)
+    preempted = [rid for r in results for rid in r.preempted]
+    assert preempted, "the KV cache was meant to run out"
+    assert preempted[0] == (a.request_id if cls is PARSScheduler else b.request_id)
+    assert sorted(finish_order(results)) == sorted([a.request_id, b.request_id])
+    assert_empty(sched)
+
+
+# ---------------------------------------------------------------------- soak
+
+
+def _check_invariants(sched: Scheduler) -> None:
+    running = {r.request_id for r in sched.running}
+    waiting = [r.request_id for r in sched.waiting]
+    holding = [r.request_id for r in sched.kv_holding_waiting]
+    queued = waiting + holding
+    assert len(queued) == len(set(queued)), "a request is queued twice"
+    assert not running & set(queued), "a request is both running and waiting"
+    assert running | set(queued) == set(sched.requests), "a request is lost or a stranger is queued"
+    assert len(sched.waiting) == len(waiting) and len(sched.kv_holding_waiting) == len(holding)
+
+
+@pytest.mark.parametrize(
+    "cls,pars,events",
+    [
+        (PARSScheduler, {"ranker": "oracle", "score_batch_max": 3}, 4000),
+        (PARSScheduler, {"ranker": spec(NumberRanker)}, 2000),
+        (PARSAsyncScheduler, {"ranker": "oracle"}, 1500),
+    ],
+    ids=["oracle", "text-ranker", "async"],
+)
+def test_random_soak_nothing_lost_or_duplicated(tiny_llama_dir, factory, tokenizer, cls, pars, events):
+    """Random adds, aborts, external finishes and steps on a small KV cache (so preemption happens)."""
+    vllm_config = make_vllm_config(
+        tiny_llama_dir, pars=pars, max_num_seqs=6, num_blocks=24, block_size=16, async_scheduling=cls is PARSAsyncScheduler
+    )
+    sched = make_scheduler(PARSScheduler, vllm_config)
+    assert type(sched) is cls
+    rng = random.Random(1234)
+    added: list[str] = []
+    ended: list[str] = []  # finished by the engine or by finish_requests, in order
+    live: set[str] = set()
+    num_preempted = 0
+
+    def finish(ids: list[str], status: RequestStatus) -> None:
+        done = sched.finish_requests(ids, status)
+        ended.extend(r.request_id for r in done)
+        live.difference_update(r.request_id for r in done)
+
+    for _ in range(events):
+        roll = rng.random()
+        if roll < 0.2:
+            # Outputs long against 23 usable blocks of 16 tokens: running requests outgrow the cache.
+            text = f"task {rng.randint(0, 500)} " + "word " * rng.randint(0, 20)
+            r = factory.make(prompt_ids(tokenizer, text), rng.randint(1, 160))
+            sched.add_request(r)
+            added.append(r.request_id)
+            live.add(r.request_id)
+        elif roll < 0.27 and live:
+            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_ABORTED)
+        elif roll < 0.30 and live:
+            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_STOPPED)
+        else:
+            res = step(sched)
+            num_preempted += len(res.preempted)
+            for rid, _ in res.finished:
+                ended.append(rid)
+                live.discard(rid)
+            _check_invariants(sched)
+    for res in run_until_idle(sched):
+        ended.extend(rid for rid, _ in res.finished)
+    assert len(ended) == len(set(ended)), "a request finished twice"
+    assert sorted(ended) == sorted(added), "a request never finished"
+    assert num_preempted > 0, "the KV cache was meant to force preemptions"
+    stats = sched.pars_stats()
+    assert stats["requests_scored"] + stats["requests_fallback"] <= len(added)
+    assert stats["requests_fallback"] == 0
+    assert_empty(sched)
+
+
+def test_aging_bounds_the_wait_of_a_long_request(build, factory):
+    """A long request against a steady stream of short ones: starved without aging, bounded with it."""
+    long_len, short_len, dt, horizon = 40, 2, 1.0, 400  # dt: simulated seconds between arrivals
+
+    def first_admission(aging: float) -> int | None:
+        sched = build(pars={"ranker": "oracle", "aging": aging}, max_num_seqs=1)
+        t0 = time.time()
+        long_req = factory.make([5] * 8, long_len, arrival_time=t0)
+        sched.add_request(long_req)
+        for i in range(horizon):  # one short arrival per step, faster than one slot serves them
+            sched.add_request(factory.make([6] * 8, short_len, arrival_time=t0 + (i + 1) * dt))
+            if long_req.request_id in step(sched).admitted:
+                return i
+        return None
+
+    assert first_admission(0.0) is None  # no aging: starved for the whole horizon
+    aging = 1.0
+    window = aging_wait_bound(short_len, long_len, aging)  # later arrivals cannot overtake it
+    overtakers = math.floor(window / dt) + 1
+    bound = overtakers * short_len + short_len  # each short holds the slot short_len steps
+    admitted_at = first_admission(aging)
+    assert admitted_at is not None and admitted_at <= bound
+    assert admitted_at >= window / dt  # it did wait for the shorts that were ahead of it
+
+
+# ---------------------------------------------------------------------- async, config, stats
+
+
+def test_async_scheduling_picks_async_variant(build, factory):
+    sched = build(pars={"ranker": "oracle"}, max_num_seqs=1, async_scheduling=True)
+    assert isinstance(sched, PARSAsyncScheduler) and isinstance(sched, AsyncScheduler)
+    assert isinstance(build(pars={"ranker": "oracle"}), PARSScheduler)
+    assert not isinstance(build(pars={"ranker": "oracle"}), AsyncScheduler)
+    t0 = time.time()
+    reqs = [factory.make([2] * 5, n, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 3, 6])]
+    for r in reqs:
+        sched.add_request(r)
+    assert admission_order(run_until_idle(sched)) == [reqs[1].request_id, reqs[2].request_id, reqs[0].request_id]
+    assert_empty(sched)
+
+
+@pytest.mark.parametrize(
+    "pars,match",
+    [
+        ({"ranker": "oracle", "agin": 1}, r"unknown key\(s\) \['agin'\]"),
+        ({"ranker": "/nonexistent/ranker"}, "ranker folder not found: '/nonexistent/ranker'"),
+        ({"ranker": "oracle", "aging": "fast"}, r'\["aging"\]: expected a number'),
+        ({"ranker": "oracle", "score_batch_max": 0}, "positive integer"),
+        ({"ranker": "oracle", "fallback": {"budget": 1}}, r"fallback.*unknown key"),
+        ({"ranker": "no_such_module_xyz:Ranker"}, "cannot import 'no_such_module_xyz'"),
+        ({"ranker": f"{__name__}:NoSuchRanker"}, "has no attribute 'NoSuchRanker'"),
+        ({"ranker": "oracle", "stats_file": "/tmp/{rank}.json"}, r"only \{pid\} and \{dp_rank\}"),
+    ],
+)
+def test_bad_config_fails_when_the_scheduler_is_built(build, pars, match):
+    with pytest.raises(PARSConfigError, match=match):
+        build(pars=pars)
+
+
+def test_config_precedence_and_env_mirror():
+    env = {"PARS_FAST_RANKER": "oracle", "PARS_FAST_AGING": "0.5", "PARS_FAST_FALLBACK": '{"budget_s": 2}'}
+    config = PARSConfig.from_sources({"aging": 0.25}, env)
+    assert config.ranker == "oracle" and config.aging == 0.25  # the dict wins over the environment
+    assert config.fallback.budget_s == 2.0 and config.fallback.on_error == "fcfs"
+    assert PARSConfig.from_sources({}, {}).ranker == "default"
+    with pytest.raises(PARSConfigError, match="PARS_FAST_SCORE_BATCH_MAX"):
+        PARSConfig.from_sources({}, {"PARS_FAST_SCORE_BATCH_MAX": "many"})
+    with pytest.raises(PARSConfigError, match="must be an object"):
+        PARSConfig.from_sources("oracle", {})  # type: ignore[arg-type]
+    assert PARSConfig.from_sources(PARSConfig(ranker="oracle").to_dict(), {}) == PARSConfig(ranker="oracle")
+
+
+def test_stats_file_is_written_after_each_batch(build, factory, tmp_path):
+    path = tmp_path / "stats" / "pars-{dp_rank}.json"
+    sched = build(pars={"ranker": "oracle", "stats_file": str(path)})
+    for n in (5, 2, 9):
+        sched.add_request(factory.make([1] * 4, n))
+    step(sched)
+    stats = json.loads((tmp_path / "stats" / "pars-0.json").read_text())
+    assert stats["requests_scored"] == 3 and stats["batches"] == 1 and stats["ranker"] == "oracle"
+    # Written right after scoring, before vLLM's step admits them.
+    assert stats["num_waiting"] == 3 and stats["num_running"] == 0 and stats["num_unscored"] == 0
+    run_until_idle(sched)
+    sched.shutdown()
+    final = json.loads((tmp_path / "stats" / "pars-0.json").read_text())
+    assert final["num_waiting"] == 0 and final["num_running"] == 0 and final["requests_scored"] == 3
+
+
+# ---------------------------------------------------------------------- pars-fast serve (no server)
+
+
+def _serve_args(argv: list[str]):
+    import argparse
+
+    from pars_fast import serve
+
+    parser = argparse.ArgumentParser(prog="pars-fast serve")
+    serve.configure_parser(parser)
+    return parser.parse_args(argv)
+
+
+def test_serve_merges_pars_options_into_vllm_args():
+    from pars_fast.serve import SCHEDULER_CLS, build_vllm_argv
+
+    args = _serve_args(
+        [
+            "--model", "M", "--ranker", "oracle", "--max-num-seqs", "4",
+            "--additional-config", '{"other": 1, "pars": {"aging": 0.5, "ranker": "prompt-length"}}',
+            "--pars-fallback", '{"budget_s": 2}', "--port", "8123",
+        ]
+    )  # fmt: skip
+    argv = build_vllm_argv(args)
+    assert argv[:6] == ["--model", "M", "--max-num-seqs", "4", "--port", "8123"]  # vLLM's own, untouched
+    assert argv[argv.index("--scheduler-cls") + 1] == SCHEDULER_CLS
+    extra = json.loads(argv[argv.index("--additional-config") + 1])
+    assert extra["other"] == 1
+    assert extra["pars"] == {"aging": 0.5, "ranker": "oracle", "fallback": {"budget_s": 2.0, "retry_after_s": 30.0, "on_error": "fcfs"}}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "M", "--ranker", "/no/such/ranker"], "ranker folder not found"),
+        (["--model", "M", "--additional-config", '{"pars": {"agin": 1}}'], "unknown key"),
+        (["--model", "M", "--scheduler-cls", "my.Scheduler"], "conflicts with pars-fast serve"),
+        (["--model", "M", "--pars-fallback", "{oops"], "expected a JSON object"),
+    ],
+)
+def test_serve_rejects_bad_config_before_starting(argv, message, capsys):
+    from pars_fast.serve import run
+
+    assert run(_serve_args(argv)) == 2
+    assert message in capsys.readouterr().err
