@@ -1,0 +1,168 @@
+"""Per-request timings of one run and the summary metrics computed from them.
+
+All times are seconds on the machine's monotonic clock, relative to the start of the
+run (the first arrival). The client records when it submitted a request and when the
+last output arrived; vLLM's engine core records when the request was queued, first
+scheduled and produced its first token (``RequestOutput.metrics``), on the same
+clock (CLOCK_MONOTONIC is system-wide, so the engine-core subprocess agrees with it).
+
+Definitions (as in vllm-ltr and vLLM's serving benchmark):
+
+* latency: submit -> last token received (end to end, client side);
+* TTFT: submit -> first token;
+* normalized latency: latency / output tokens (s per token), which weighs short
+  requests stuck behind long ones the way a user feels it;
+* wait: queued -> first scheduled, inside the engine (the queueing delay the
+  scheduling order controls); the maximum shows starvation;
+* throughput: requests (tokens) completed / (last finish - first submit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+# Every key ``summarize`` returns, in report order (tests check the JSON has them all).
+SUMMARY_KEYS = (
+    "n",
+    "output_tokens",
+    "latency_mean",
+    "latency_p50",
+    "latency_p90",
+    "latency_p99",
+    "ttft_mean",
+    "ttft_p90",
+    "norm_latency_mean",
+    "norm_latency_p90",
+    "wait_mean",
+    "wait_max",
+    "throughput_rps",
+    "throughput_tps",
+    "makespan_s",
+    "preemptions",
+    "scoring_ms_per_request",
+)
+
+
+class MetricsError(ValueError):
+    """Timings that cannot be summarized (empty, missing, or out of order)."""
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """What happened to one request. Times in seconds from the run's start."""
+
+    idx: int
+    prompt_len: int
+    max_tokens: int
+    output_tokens: int
+    arrival: float  # when the stream said it arrives
+    submit: float  # when the client handed it to the engine
+    first_token: float
+    finish: float
+    queued: float | None = None  # engine core; None if vLLM gave no metrics
+    scheduled: float | None = None
+    preemptions: int = 0
+
+    @property
+    def latency(self) -> float:
+        return self.finish - self.submit
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.submit
+
+    @property
+    def norm_latency(self) -> float:
+        return self.latency / self.output_tokens
+
+    @property
+    def wait(self) -> float:
+        if self.queued is None or self.scheduled is None:
+            return self.ttft  # an upper bound: queueing + prefill
+        return self.scheduled - self.queued
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RequestTiming:
+        names = {f.name for f in fields(cls)}
+        missing = {"idx", "output_tokens", "submit", "first_token", "finish"} - set(d)
+        if missing:
+            raise MetricsError(f"request timing lacks {sorted(missing)}: {dict(d)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check(self) -> None:
+        """Raise :class:`MetricsError` unless the timestamps are possible."""
+        where = f"request {self.idx}"
+        values = [self.submit, self.first_token, self.finish]
+        if not all(math.isfinite(v) for v in values):
+            raise MetricsError(f"{where}: non-finite timestamp in {values}")
+        if self.output_tokens < 1:
+            raise MetricsError(f"{where}: produced {self.output_tokens} tokens; a completed request has >= 1")
+        if not self.submit <= self.first_token <= self.finish:
+            raise MetricsError(
+                f"{where}: timestamps out of order (submit {self.submit:.6f}, first token "
+                f"{self.first_token:.6f}, finish {self.finish:.6f})"
+            )
+        if self.queued is not None and self.scheduled is not None and self.scheduled < self.queued:
+            raise MetricsError(f"{where}: scheduled ({self.scheduled:.6f}) before queued ({self.queued:.6f})")
+
+
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """The q-th percentile (linear interpolation between order statistics, numpy's default)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        raise MetricsError("percentile of no values")
+    return float(np.percentile(a, q))
+
+
+def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | None = None) -> dict[str, Any]:
+    """Summary metrics of one run (see the module docstring); keys are ``SUMMARY_KEYS``."""
+    if not timings:
+        raise MetricsError("no completed requests to summarize")
+    ids = [t.idx for t in timings]
+    if len(set(ids)) != len(ids):
+        raise MetricsError(f"duplicate request ids in timings: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    for t in timings:
+        t.check()
+    lat = np.array([t.latency for t in timings])
+    ttft = np.array([t.ttft for t in timings])
+    norm = np.array([t.norm_latency for t in timings])
+    wait = np.array([t.wait for t in timings])
+    tokens = int(sum(t.output_tokens for t in timings))
+    span = max(t.finish for t in timings) - min(t.submit for t in timings)
+    if span <= 0:
+        raise MetricsError(f"run lasted {span} s; cannot compute throughput")
+    return {
+        "n": len(timings),
+        "output_tokens": tokens,
+        "latency_mean": float(lat.mean()),
+        "latency_p50": percentile(lat, 50),
+        "latency_p90": percentile(lat, 90),
+        "latency_p99": percentile(lat, 99),
+        "ttft_mean": float(ttft.mean()),
+        "ttft_p90": percentile(ttft, 90),
+        "norm_latency_mean": float(norm.mean()),
+        "norm_latency_p90": percentile(norm, 90),
+        "wait_mean": float(wait.mean()),
+        "wait_max": float(wait.max()),
+        "throughput_rps": len(timings) / span,
+        "throughput_tps": tokens / span,
+        "makespan_s": float(span),
+        "preemptions": int(sum(t.preemptions for t in timings)),
+        "scoring_ms_per_request": None if scoring_s_per_request is None else 1e3 * scoring_s_per_request,
+    }
+
+
+def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], key: str) -> float:
+    """``numerator[key] / denominator[key]`` (e.g. FCFS mean latency over PARS's)."""
+    a, b = numerator.get(key), denominator.get(key)
+    if a is None or b is None or b == 0:
+        return math.nan
+    return float(a) / float(b)
