@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ScoredHeap": "pars_fast.queue",
     "ScoredRequestQueue": "pars_fast.queue",
+    "Ranker": "pars_fast.ranker",
+    "RankerConfig": "pars_fast.ranker",
+    "PARSScheduler": "pars_fast.vllm.scheduler",
+    "PARSConfig": "pars_fast.vllm.config",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -30,3 +34,6 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from pars_fast.queue import ScoredHeap, ScoredRequestQueue
+    from pars_fast.ranker import Ranker, RankerConfig
+    from pars_fast.vllm.config import PARSConfig
+    from pars_fast.vllm.scheduler import PARSScheduler
