@@ -69,7 +69,7 @@ def model_and_head() -> tuple[torch.nn.Module, torch.nn.Linear]:
 
 def make_provider(name: str) -> Callable[[list[list[int]]], torch.Tensor]:
     """A function from one batch of token-id lists to its (n,) float32 scores."""
-    from pars_fast.encoder import TorchPackedEncoder, _torch_threads
+    from pars_fast.encoder import TorchPackedEncoder, torch_threads
 
     model, head = model_and_head()
     if name in ("hf", "hf-1t"):
@@ -78,7 +78,7 @@ def make_provider(name: str) -> Callable[[list[list[int]]], torch.Tensor]:
 
         @torch.inference_mode()
         def hf(batch: list[list[int]]) -> torch.Tensor:
-            with _torch_threads(threads):
+            with torch_threads(threads):
                 return hf_forward(batch)
 
         def hf_forward(batch: list[list[int]]) -> torch.Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "pack_batch",
     "resolve_device",
     "resolve_dtype",
+    "torch_threads",
 ]
 
 POOLINGS = ("cls", "mean")
@@ -384,7 +385,7 @@ def _attention(qkv: Tensor, buckets: list[_Bucket], num_heads: int, cls_only: bo
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Run with ``n`` intra-op threads, then restore (``None``: leave torch's setting)."""
     old = torch.get_num_threads()
     if n is None or n == old:
@@ -395,7 +396,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
 
 
 class TorchPackedEncoder:
@@ -495,7 +495,7 @@ class TorchPackedEncoder:
         packed = self.pack(batch)
         out = torch.empty(packed.batch_size, self.hidden_size, dtype=torch.float32, device=self.device)
         if packed.batch_size:
-            with _torch_threads(self.num_threads):
+            with torch_threads(self.num_threads):
                 out[torch.tensor(packed.order, device=self.device)] = self.forward_packed(packed)
         return out
 

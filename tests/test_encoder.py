@@ -175,6 +175,17 @@ def test_torch_backend_keeps_caller_order(model, head, tokenizer, prompts):
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=0)
 
 
+def test_torch_backend_thread_setting_is_scoped(model, head, tokenizer, prompts):
+    batch = _ids(tokenizer, prompts[:4], 128)
+    before = torch.get_num_threads()
+    want = TorchPackedEncoder(model, head, "cls").score(batch)
+    got = TorchPackedEncoder(model, head, "cls", num_threads=1).score(batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads"):
+        TorchPackedEncoder(model, head, "cls", num_threads=0)
+
+
 def test_torch_backend_empty_batch(model, head):
     backend = TorchPackedEncoder(model, head, "cls")
     assert backend.score([]).shape == (0,) and backend.pooled([]).shape == (0, 384)
