@@ -28,3 +28,17 @@ def tiny_llama_dir(tmp_path_factory):
     from pars_fast.tiny_llama import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """The Triton interpreter runs each tl.dot as a small numpy matmul; multi-threaded
+    OpenBLAS makes those up to 100x slower on a busy 2-core machine (measured: 41 ms vs
+    0.4 ms). Kernel test modules request this with ``pytest.mark.usefixtures``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only makes the interpreter faster
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -30,17 +30,7 @@ TRITON_DEVICE = "cpu" if _interpreting() else ("cuda" if torch.cuda.is_available
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The interpreter runs each tl.dot as a small numpy matmul; multi-threaded OpenBLAS
-    makes those up to 100x slower on a busy 2-core machine (measured: 41 ms vs 0.4 ms)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only makes the interpreter faster
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

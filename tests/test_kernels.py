@@ -26,23 +26,12 @@ from pars_fast.kernels import (
 )
 from pars_fast.kernels._utils import interpreting
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("one_blas_thread")]
 
 if not interpreting() and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The interpreter runs each tl.dot as a small numpy matmul; multi-threaded OpenBLAS
-    makes those up to 100x slower on a busy 2-core machine (measured: 41 ms vs 0.4 ms)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only makes the interpreter faster
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 DEVICE = torch.device("cpu" if interpreting() else "cuda")
