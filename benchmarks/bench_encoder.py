@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             score_all(fns[name], prompts)
             times[name].append(time.perf_counter() - t0)
-    print(f"{'provider':<14} {'median s':>9} {'min s':>7} {'prompts/s':>10}  vs hf / vs hf-1t (median of per-round ratios)")
+    print(f"{'provider':<14} {'median s':>9} {'min s':>7} {'prompts/s':>10}  "
+          "vs hf / vs hf-1t (median of per-round ratios)")
     for name in names:
         med = sorted(times[name])[len(times[name]) // 2]
         ratios = []
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(f"{r[len(r) // 2]:.2f}x ({r[0]:.2f}-{r[-1]:.2f})")
             else:
                 ratios.append("-")
-        print(f"{name:<14} {med:>9.3f} {min(times[name]):>7.3f} {len(prompts) / med:>10.1f}  {ratios[0]:>18} {ratios[1]:>18}")
+        print(f"{name:<14} {med:>9.3f} {min(times[name]):>7.3f} {len(prompts) / med:>10.1f}  "
+              f"{ratios[0]:>18} {ratios[1]:>18}")
     for name in names:
         if name != "hf":
             print(f"{name} max |score - hf| = {(checked_scores(name) - checked_scores('hf')).abs().max():.2e}")

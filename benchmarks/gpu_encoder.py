@@ -148,13 +148,14 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     dtype = getattr(torch, DTYPES[args.dtype])
     batches = [int(b) for b in args.batches.split(",")]
-    names = [p for p in args.providers.split(",") if p]
+    names = sorted((p for p in args.providers.split(",") if p), key=lambda n: n != "hf")  # hf first: the baseline
     config = AutoConfig.from_pretrained(minilm_dir())
     prompts = load_prompts(max(batches), args.max_len)
     providers = make_providers(names, dtype, args.pooling, args.hf_attn)
     peak = matmul_peak_flops(dtype)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{args.dtype} | pooling {args.pooling} | HF attention {args.hf_attn} | matmul peak {peak / 1e12:.0f} TFLOP/s")
+          f"{args.dtype} | pooling {args.pooling} | HF attention {args.hf_attn} | "
+          f"matmul peak {peak / 1e12:.0f} TFLOP/s")
     header = (f"{'batch':>5} {'tokens':>7} {'provider':>8} {'median ms':>10} {'p20-p80 ms':>15} {'prompts/s':>10} "
               f"{'tokens/s':>11} {'vs hf':>6} {'floor ms':>9} {'% floor':>7} {'max|dscore|':>11}")
     print(header)
@@ -169,7 +170,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         base_ms = None
         for name, fn in providers.items():
             err = float((fn(batch) - reference).abs().max()) if reference is not None else float("nan")
-            med, p20, p80 = do_bench(lambda: fn(batch), warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+            med, p20, p80 = do_bench(lambda fn=fn: fn(batch), warmup=args.warmup, rep=args.rep,
+                                     quantiles=[0.5, 0.2, 0.8])
             base_ms = med if name == "hf" else base_ms
             row = {"batch": b, "tokens": tokens, "padded_tokens": b * max(lengths), "provider": name,
                    "median_ms": med, "p20_ms": p20, "p80_ms": p80, "prompts_per_s": b / med * 1e3,
@@ -177,12 +179,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                    "floor_ms": floor_ms, "max_abs_score_diff_vs_hf": err}
             rows.append(row)
             vs = f"{row['speedup_vs_hf']:.2f}x" if row["speedup_vs_hf"] else "-"
-            print(f"{b:>5} {tokens:>7} {name:>8} {med:>10.3f} {f'{p20:.3f}-{p80:.3f}':>15} {row['prompts_per_s']:>10.0f} "
+            spread = f"{p20:.3f}-{p80:.3f}"
+            print(f"{b:>5} {tokens:>7} {name:>8} {med:>10.3f} {spread:>15} {row['prompts_per_s']:>10.0f} "
                   f"{row['tokens_per_s']:>11.0f} {vs:>6} {floor_ms:>9.4f} {100 * floor_ms / med:>6.1f}% {err:>11.2e}")
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                 "python": platform.python_version(), "dtype": args.dtype, "pooling": args.pooling,
                 "hf_attn": args.hf_attn, "matmul_peak_flops": peak, "max_len": args.max_len}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return rows

@@ -25,9 +25,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs in full fp32 ("ieee"), as torch does by default; Triton would use TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 GEMMs in full fp32 ("ieee"), as torch does by default (Triton would use TF32);
+    None (the backend's default) for fp16/bf16, where the option does not apply."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def check_tensor(
@@ -79,9 +80,10 @@ def check_out(
     check_tensor("out", out, ndim=len(shape), dtypes=(dtype,), shape=shape, device=device)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    base = out.untyped_storage().data_ptr()
     for t in inputs:
         # Kernels read inputs while other programs write out; autotuning also re-runs them.
-        if t is not None and t.numel() and out.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        if t is not None and t.numel() and out.numel() and t.untyped_storage().data_ptr() == base:
             raise ValueError("out must not share memory with an input")
     return out
 

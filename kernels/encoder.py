@@ -73,7 +73,9 @@ class TritonBertEncoder:
             )
         self.dtype = resolve_dtype(dtype, encoder, self.device)
         if self.dtype == torch.bfloat16 and interpreting():
-            raise ValueError("the Triton interpreter has no bf16 arithmetic; use float32 or float16 under TRITON_INTERPRET=1")
+            raise ValueError(
+                "the Triton interpreter has no bf16 arithmetic; use float32 or float16 under TRITON_INTERPRET=1"
+            )
         self.pooling = pooling
         self.weights = EncoderWeights.from_hf(encoder, dtype=self.dtype, device=self.device)
         self.head_weight, self.head_bias = head_params(head, self.weights.hidden_size, self.device)

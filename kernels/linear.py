@@ -152,13 +152,17 @@ def _linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _tiles(interpreter: list, test: list, gpu: list) -> list[triton.Config]:
+    return _configs(interpreter if interpreting() else test if single_config() else gpu)
+
+
 _linear_gemm = triton.autotune(
-    configs=_configs(_INTERPRETER_GEMM_TILES if interpreting() else _TEST_GEMM_TILES if single_config() else _GEMM_TILES),
+    configs=_tiles(_INTERPRETER_GEMM_TILES, _TEST_GEMM_TILES, _GEMM_TILES),
     key=["m_bucket", "N", "K", "HAS_RESIDUAL", "ACTIVATION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_linear_kernel)
 _linear_ln = triton.autotune(
-    configs=_configs(_INTERPRETER_LN_TILES if interpreting() else _TEST_LN_TILES if single_config() else _LN_TILES),
+    configs=_tiles(_INTERPRETER_LN_TILES, _TEST_LN_TILES, _LN_TILES),
     key=["m_bucket", "N", "K"],
     prune_configs_by={"early_config_prune": _prune},
 )(_linear_kernel)

@@ -217,7 +217,9 @@ class EncoderWeights:
         if not isinstance(act, str) or act not in _GELU_KINDS:
             raise ValueError(f"unsupported hidden_act {act!r}; supported: {sorted(_GELU_KINDS)}")
         if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of {config.num_attention_heads} heads")
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not a multiple of {config.num_attention_heads} heads"
+            )
         device = torch.device(device)
 
         def t(p: Tensor) -> Tensor:  # GEMM operand
@@ -409,8 +411,9 @@ class TorchPackedEncoder:
     ``"auto"`` uses bf16 where the CPU multiplies bf16 natively, else fp32.
     ``min_fill``: attention buckets pad each prompt to at most ``1/min_fill`` times its length.
     ``num_threads``: intra-op threads while scoring (``None``: torch's global setting). On
-    a CPU shared with a busy vLLM worker, 1 thread avoids OpenMP threads waiting on a
-    descheduled sibling: measured 2.3x the throughput of 2 threads on a loaded 2-core box.
+    an idle 2-core CPU, 2 threads are faster (75 vs 52 prompts/s); on one crowded by other
+    processes (a vLLM worker), 1 thread is (54 vs 22 prompts/s: OpenMP threads wait on a
+    descheduled sibling). See docs/BENCHMARKS.md.
     Built for the CPU; it also runs on CUDA tensors (the GPU benchmark compares it there).
     The weights are copied at construction: rebuild the backend after changing the encoder.
     """
