@@ -69,6 +69,7 @@ def model_and_head() -> tuple[torch.nn.Module, torch.nn.Linear]:
 
 def make_provider(name: str) -> Callable[[list[list[int]]], torch.Tensor]:
     """A function from one batch of token-id lists to its (n,) float32 scores."""
+    from pars_fast.backends import pad_batch
     from pars_fast.encoder import TorchPackedEncoder, torch_threads
 
     model, head = model_and_head()
@@ -82,12 +83,7 @@ def make_provider(name: str) -> Callable[[list[list[int]]], torch.Tensor]:
                 return hf_forward(batch)
 
         def hf_forward(batch: list[list[int]]) -> torch.Tensor:
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, x in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                mask[i, : len(x)] = 1
+            ids, mask = pad_batch(batch, pad_id)
             pooled = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
             return head(pooled).squeeze(1)
 

@@ -98,6 +98,7 @@ def make_providers(names: Sequence[str], dtype: object, pooling: str, hf_attn: s
     import torch
     from transformers import BertModel
 
+    from pars_fast.backends import pad_batch
     from pars_fast.encoder import TorchPackedEncoder
     from pars_fast.kernels import TritonBertEncoder
     from pars_fast.tiny_llama import minilm_dir
@@ -110,12 +111,7 @@ def make_providers(names: Sequence[str], dtype: object, pooling: str, hf_attn: s
 
     @torch.inference_mode()
     def hf(batch: list[list[int]]) -> torch.Tensor:
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
+        ids, mask = pad_batch(batch, pad_id)
         ids, mask = ids.to("cuda", non_blocking=True), mask.to("cuda", non_blocking=True)
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state
         if pooling == "cls":

@@ -162,6 +162,17 @@ def length_buckets(
     return buckets
 
 
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists to the longest: ``(input_ids, attention_mask)``, both int64 on the CPU."""
+    width = max((len(ids) for ids in batch), default=0)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
 def check_batch(batch: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> None:
     """Raise ``ValueError`` on token-id batches the encoder cannot take."""
     for i, ids in enumerate(batch):
@@ -215,12 +226,7 @@ class HFBackend:
         parts: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
         order: list[int] = []
         for bucket in length_buckets(lengths, self.max_batch_size, self.max_batch_tokens):
-            width = lengths[bucket[0]]
-            ids = torch.full((len(bucket), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(bucket), width), dtype=torch.long)
-            for row, i in enumerate(bucket):
-                ids[row, : lengths[i]] = torch.as_tensor(batch[i], dtype=torch.long)
-                mask[row, : lengths[i]] = 1
+            ids, mask = pad_batch([batch[i] for i in bucket], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
             hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             for p in poolings:
@@ -243,6 +249,7 @@ __all__ = [
     "check_batch",
     "length_buckets",
     "make_backend",
+    "pad_batch",
     "pool",
     "register_backend",
     "registered_backends",
