@@ -211,6 +211,33 @@ def test_score_batch_max_spreads_a_burst_over_steps(build, factory, tokenizer):
     assert_empty(sched)
 
 
+class ThreadCountingRanker:
+    """Records torch's intra-op thread count while it scores."""
+
+    seen: list[int] = []
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        import torch
+
+        ThreadCountingRanker.seen.append(torch.get_num_threads())
+        return np.zeros(len(prompts), dtype=np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ranker_scores_with_the_configured_threads_and_restores_torch(build, factory, tokenizer, threads):
+    import torch
+
+    ThreadCountingRanker.seen = []
+    before = torch.get_num_threads()
+    sched = build(pars={"ranker": spec(ThreadCountingRanker), "threads": threads}, max_num_seqs=1)
+    sched.add_request(factory.make(prompt_ids(tokenizer, "hello"), 2))
+    step(sched)
+    assert ThreadCountingRanker.seen == [threads]
+    assert torch.get_num_threads() == before  # the engine process keeps its own setting
+    run_until_idle(sched)
+    assert_empty(sched)
+
+
 def test_client_priority_does_not_override_scores(build, factory):
     sched = build(pars={"ranker": "oracle"}, max_num_seqs=1)
     t0 = time.time()
@@ -477,6 +504,7 @@ def test_async_scheduling_picks_async_variant(build, factory):
         ({"ranker": "/nonexistent/ranker"}, "ranker folder not found: '/nonexistent/ranker'"),
         ({"ranker": "oracle", "aging": "fast"}, r'\["aging"\]: expected a number'),
         ({"ranker": "oracle", "score_batch_max": 0}, "positive integer"),
+        ({"ranker": "oracle", "threads": 0}, r'\["threads"\]: expected a positive integer'),
         ({"ranker": "oracle", "fallback": {"budget": 1}}, r"fallback.*unknown key"),
         ({"ranker": "no_such_module_xyz:Ranker"}, "cannot import 'no_such_module_xyz'"),
         ({"ranker": f"{__name__}:NoSuchRanker"}, "has no attribute 'NoSuchRanker'"),
@@ -494,6 +522,9 @@ def test_config_precedence_and_env_mirror():
     assert config.ranker == "oracle" and config.aging == 0.25  # the dict wins over the environment
     assert config.fallback.budget_s == 2.0 and config.fallback.on_error == "fcfs"
     assert PARSConfig.from_sources({}, {}).ranker == "default"
+    assert PARSConfig.from_sources({}, {}).threads == 1
+    assert PARSConfig.from_sources({}, {"PARS_FAST_THREADS": "2"}).threads == 2
+    assert PARSConfig.from_sources({"threads": None}, {"PARS_FAST_THREADS": "2"}).threads is None
     with pytest.raises(PARSConfigError, match="PARS_FAST_SCORE_BATCH_MAX"):
         PARSConfig.from_sources({}, {"PARS_FAST_SCORE_BATCH_MAX": "many"})
     with pytest.raises(PARSConfigError, match="must be an object"):

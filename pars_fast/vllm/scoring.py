@@ -70,8 +70,11 @@ class PromptLengthScorer:
 class TextRankerScorer:
     """A text ranker (``.score(list[str])``) fed with prompts decoded by the served tokenizer."""
 
-    def __init__(self, ranker: Any, tokenizer: Any, max_prompt_tokens: int, name: str) -> None:
+    def __init__(
+        self, ranker: Any, tokenizer: Any, max_prompt_tokens: int, name: str, threads: int | None = None
+    ) -> None:
         self.ranker = ranker
+        self.threads = threads  # torch intra-op threads while scoring; None: leave torch's setting
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.decode_tokens = math.ceil(max_prompt_tokens * DECODE_SLACK)
@@ -90,12 +93,19 @@ class TextRankerScorer:
         decode_s = time.perf_counter() - start
         known = [t for t in texts if t is not None]
         if len(known) == len(texts):
-            return self.ranker.score(known), decode_s
+            return self._score(known), decode_s
         # Prompt-embeds requests carry no token ids: they get NaN (FCFS), the rest a score.
-        scores = _as_scores(self.ranker.score(known), len(known)) if known else np.empty(0)
+        scores = _as_scores(self._score(known), len(known)) if known else np.empty(0)
         out = np.full(len(texts), np.nan)
         out[[i for i, t in enumerate(texts) if t is not None]] = scores
         return out, decode_s
+
+
+    def _score(self, texts: list[str]) -> Any:
+        from pars_fast.encoder import torch_threads
+
+        with torch_threads(self.threads):
+            return self.ranker.score(texts)
 
 
 def _batch_decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
@@ -140,7 +150,7 @@ def load_scorer(config: PARSConfig, model_config: ModelConfig | None) -> Scorer:
         ranker = _import_ranker(config.ranker)
     max_tokens = config.max_prompt_tokens or _ranker_max_prompt_tokens(ranker)
     tokenizer = served_tokenizer(model_config)
-    return TextRankerScorer(ranker, tokenizer, max_tokens, name=config.ranker)
+    return TextRankerScorer(ranker, tokenizer, max_tokens, name=config.ranker, threads=config.threads)
 
 
 def _load_default_ranker(backend: str) -> Any:
