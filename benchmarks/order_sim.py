@@ -1,0 +1,111 @@
+"""What is each policy's order worth? An ideal-server replay of an e2e run.
+
+Reads the ``results.json`` of ``pars-fast bench e2e``, rebuilds its exact request
+stream from the recorded config, scores the prompts with the run's ranker, and
+replays every load level (same arrival times) on an ideal non-preemptive server
+with ``max_num_seqs`` slots, where a request holds its slot for ``max_tokens``
+tokens at the FCFS burst's measured speed. That isolates the
+ordering from the engine: if the engine's measured ratios match the replay's, the
+scheduler did its job and what is left is ranking quality::
+
+    python benchmarks/order_sim.py docs/e2e/results.json
+
+Prints the ranker's Kendall tau on this very workload and, per ratio, the replay
+next to the engine's measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def replay(arrivals: np.ndarray, durations: np.ndarray, keys: np.ndarray, slots: int) -> np.ndarray:
+    """Completion times on ``slots`` identical slots; a free slot takes the lowest key that has arrived."""
+    import heapq
+
+    by_arrival = np.argsort(arrivals, kind="stable")
+    free_at = [0.0] * slots
+    waiting: list[tuple[float, int, int]] = []
+    finish = np.empty(len(durations))
+    nxt = 0
+    for _ in range(len(durations)):
+        now = heapq.heappop(free_at)
+        if not waiting and nxt < len(by_arrival):  # idle slot: jump to the next arrival
+            now = max(now, arrivals[by_arrival[nxt]])
+        while nxt < len(by_arrival) and arrivals[by_arrival[nxt]] <= now:
+            i = int(by_arrival[nxt])
+            heapq.heappush(waiting, (float(keys[i]), i, i))
+            nxt += 1
+        _, _, i = heapq.heappop(waiting)
+        finish[i] = now + durations[i]
+        heapq.heappush(free_at, finish[i])
+    return finish - arrivals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results.json of a pars-fast bench e2e run")
+    parser.add_argument("--ranker", help="ranker folder (default: the one the run used)")
+    args = parser.parse_args(argv)
+
+    from scipy.stats import kendalltau
+
+    from pars_fast import Ranker
+    from pars_fast.e2e.benchmark import BenchConfig, prepare_workload
+
+    result = json.loads(args.results.read_text())
+    meta = result["meta"]
+    config = BenchConfig(**{k: v for k, v in meta["config"].items() if k in BenchConfig.__dataclass_fields__})
+    workload = prepare_workload(config, meta["model"])
+    lengths = np.array([job.max_tokens for job in workload.jobs], dtype=np.float64)
+
+    from transformers import AutoTokenizer
+
+    # The scheduler sees token ids and decodes them with the served model's tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(meta["model"])
+    prompts = [tokenizer.decode(job.prompt_token_ids, skip_special_tokens=True) for job in workload.jobs]
+    scores = Ranker.load(args.ranker or meta["ranker"]).score(prompts)
+
+    slots = config.max_num_seqs
+    aging = meta.get("aging") or 0.0
+    runs = result["runs"]
+    # One slot emits a token every token_s seconds: the FCFS burst's measured throughput.
+    token_s = slots / runs["fcfs"]["levels"]["burst"]["summary"]["throughput_tps"]
+    print(f"{len(lengths)} requests, {slots} slots, {token_s * 1e3:.1f} ms per token per slot, aging {aging}/s; "
+          f"ranker Kendall tau on this workload: {kendalltau(scores, lengths)[0]:.3f}")
+    print("| load | ratio | ideal replay | engine |")
+    print("|---|---|---|---|")
+    for load, fcfs_level in runs["fcfs"]["levels"].items():
+        arrivals = np.empty(len(lengths))
+        for r in fcfs_level["requests"]:
+            arrivals[r["idx"]] = r["arrival"]
+        keys = {  # what each scheduler orders by (PARSScheduler: score + aging x arrival)
+            "fcfs": arrivals,
+            "pars": scores + aging * arrivals,
+            "sjf": lengths + aging * arrivals,
+        }
+        latency = {p: replay(arrivals, lengths * token_s, k, slots) for p, k in keys.items()}
+        ideal = {p: (lat.mean(), (lat / lengths).mean()) for p, lat in latency.items()}
+        engine = {
+            p: (run["levels"][load]["summary"]["latency_mean"], run["levels"][load]["summary"]["norm_latency_mean"])
+            for p, run in runs.items()
+            if load in run["levels"]
+        }
+        for label, num, den, col in (
+            ("FCFS/PARS mean latency", "fcfs", "pars", 0),
+            ("PARS/SJF mean latency", "pars", "sjf", 0),
+            ("FCFS/SJF mean latency", "fcfs", "sjf", 0),
+            ("FCFS/PARS mean norm. latency", "fcfs", "pars", 1),
+        ):
+            measured = f"{engine[num][col] / engine[den][col]:.2f}×" if num in engine and den in engine else "–"
+            print(f"| {load} | {label} | {ideal[num][col] / ideal[den][col]:.2f}× | {measured} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
