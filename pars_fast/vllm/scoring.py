@@ -100,7 +100,6 @@ class TextRankerScorer:
         out[[i for i, t in enumerate(texts) if t is not None]] = scores
         return out, decode_s
 
-
     def _score(self, texts: list[str]) -> Any:
         from pars_fast.encoder import torch_threads
 
