@@ -4,7 +4,7 @@
 // Each request is stored under request.request_id with
 //     key = base + aging_rate * (arrival_time - origin),   tie = arrival_time,
 // where base is request.priority (or key(request) if a key function is given)
-// and origin is the first arrival_time the queue saw. Subtracting a constant
+// and origin is the first valid arrival_time the queue saw. Subtracting a constant
 // origin leaves the order unchanged (every key moves by the same amount) but
 // keeps the aging term small, so base keeps its precision in a double.
 //
@@ -63,14 +63,17 @@ bool request_key(QueueObject *q, PyObject *req, const char *where, double *key, 
   if (!base) return false;
   if (!as_real(base.get(), key, where, q->keyfunc ? "key(request)" : "request.priority")) return false;
   if (q->aging_rate != 0.0) {
-    if (!q->has_origin) {
-      q->origin = *tie;
-      q->has_origin = true;
-    }
-    *key += q->aging_rate * (*tie - q->origin);
-    if (std::isnan(*key)) {
+    // The first arrival becomes the origin only once its key is valid: a rejected
+    // arrival_time=inf must not turn every later key into -inf.
+    const double origin = q->has_origin ? q->origin : *tie;
+    *key += q->aging_rate * (*tie - origin);
+    if (std::isnan(*key)) {  // an infinite first arrival lands here too (inf - inf)
       PyErr_Format(PyExc_ValueError, "%s: the aged key is NaN (infinite priority or arrival_time?)", where);
       return false;
+    }
+    if (!q->has_origin) {
+      q->origin = origin;  // finite: an infinite one gave a NaN key above
+      q->has_origin = true;
     }
   }
   return true;

@@ -69,7 +69,7 @@ class RequestHeap:
 
     A request is stored under request.request_id with
     key = base + aging_rate * (arrival_time - origin), base = key(request) or
-    request.priority, origin = the first arrival_time seen (a constant shift that
+    request.priority, origin = the first valid arrival_time seen (a constant shift that
     keeps precision), and tie = arrival_time; then insertion order.
     """
 

@@ -463,3 +463,26 @@ def test_aging_keys_stay_precise_at_wall_clock_times():
     q.add_request(Duck("a", 1e-6, t0 + 1.0))
     assert [r.request_id for r in q] == ["first", "a", "b"]
     assert q.key_of(q.peek_request()) == 0.0
+
+
+@pytest.mark.parametrize("bad_arrival", [math.inf, -math.inf, math.nan])
+def test_rejected_first_arrival_does_not_move_the_aging_origin(bad_arrival):
+    """Regression: the queue fixed its aging origin from the first request it saw,
+    before checking it. A rejected ``arrival_time=inf`` made the origin inf, and every
+    later key became -inf (and the order of later requests was lost)."""
+    q = ScoredRequestQueue(aging_rate=2.0)
+    for add in (q.add_request, q.prepend_request, lambda r: q.prepend_requests([r])):
+        with pytest.raises(ValueError, match="NaN"):
+            add(Duck("bad", 0.0, bad_arrival))
+    assert not q
+    q.add_request(Duck("a", 0.0, 100.0))  # the first accepted arrival sets the origin
+    q.add_request(Duck("b", 1.0, 103.0))
+    q.add_request(Duck("c", 0.0, 101.0))
+    assert q.key_of(q.peek_request()) == 0.0
+    assert [(r.request_id, q.key_of(r)) for r in q] == [("a", 0.0), ("c", 2.0), ("b", 7.0)]
+    # Once the origin is set, an infinite arrival is orderable: it just goes last (or first).
+    if not math.isnan(bad_arrival):
+        q.add_request(Duck("edge", 0.0, bad_arrival))
+        assert q.key_of(next(r for r in q if r.request_id == "edge")) == bad_arrival
+        assert [r.request_id for r in q][0 if bad_arrival < 0 else -1] == "edge"
+    q._check()
