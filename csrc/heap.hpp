@@ -2,7 +2,7 @@
 //
 // This layer is plain C++ over borrowed PyObject pointers. It never calls into
 // Python and never touches reference counts, so nothing it does can run Python
-// code: the Python-facing types (heap.cpp, request_queue.cpp) do every step that
+// code: the Python-facing code (request_queue.cpp, heap.cpp) does every step that
 // may run Python code (attribute reads, __float__, __del__ via Py_DECREF) before
 // or after a core call, never in the middle of one. That is what keeps the heap
 // consistent when user code re-enters it.

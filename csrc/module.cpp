@@ -1,5 +1,6 @@
 // pars_fast._heap: the C++ side of pars_fast.
-//   heap.cpp           ScoredHeap (indexed min-heap), its iterator, NotQueuedError
+//   heap.hpp           IndexedHeap, the indexed 4-ary min-heap (plain C++)
+//   heap.cpp           the ordered iterator, NotQueuedError, ARITY
 //   request_queue.cpp  RequestHeap, the body of pars_fast.queue.ScoredRequestQueue
 // pybind11 builds the module; the types use the CPython API directly for speed
 // (see pyheap.hpp for why).

@@ -1,6 +1,6 @@
-// Python-side helpers shared by the types of pars_fast._heap (heap.cpp,
-// request_queue.cpp): owned references, argument parsing and conversion,
-// the ordered snapshot iterator, and the common object layout.
+// Python-side helpers shared by the parts of pars_fast._heap (heap.cpp,
+// request_queue.cpp): owned references, argument conversion, the ordered
+// snapshot iterator, and the common object layout.
 //
 // Why the raw CPython API and not pybind11 classes for the types: a pybind11
 // method call costs 300-400 ns here against 25 ns for a METH_O C function
@@ -59,13 +59,11 @@ inline IndexedHeap &heap_of(PyObject *self) { return reinterpret_cast<HeapBase *
 extern PyObject *NotQueuedError;  // subclass of KeyError and ValueError
 extern PyTypeObject *HeapIterType;
 
-enum class IterMode { Objects, Items };
-
-// A lazy iterator over `owner`'s entries in pop order. Like vLLM's
+// A lazy iterator over `owner`'s objects in pop order. Like vLLM's
 // PriorityRequestQueue.__iter__ (a generator that copies the heap on its first
 // next()), it snapshots the heap at the first next() call, so later changes to
 // the heap do not affect an iteration in progress.
-PyObject *new_heap_iter(PyObject *owner, IterMode mode);
+PyObject *new_heap_iter(PyObject *owner);
 
 // The id stored for `o`: an exact str. A str subclass is copied to an exact
 // str, so that hashing and comparing ids never runs Python code (a subclass
@@ -107,40 +105,6 @@ inline bool as_real(PyObject *o, double *out, const char *where, const char *wha
     return false;
   }
   *out = v;
-  return true;
-}
-
-// Argument parsing for METH_FASTCALL | METH_KEYWORDS methods: fills out[i]
-// (borrowed) for each of the n names; optional arguments left out stay nullptr.
-inline bool parse_args(const char *where, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                       const char *const *names, int n, int required, PyObject **out) {
-  for (int i = 0; i < n; ++i) out[i] = nullptr;
-  if (nargs > n) {
-    PyErr_Format(PyExc_TypeError, "%s takes at most %d arguments (%zd given)", where, n, nargs);
-    return false;
-  }
-  for (Py_ssize_t i = 0; i < nargs; ++i) out[i] = args[i];
-  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-  for (Py_ssize_t k = 0; k < nkw; ++k) {
-    PyObject *kw = PyTuple_GET_ITEM(kwnames, k);
-    int found = -1;
-    for (int i = 0; i < n; ++i)
-      if (PyUnicode_CompareWithASCIIString(kw, names[i]) == 0) found = i;
-    if (found < 0) {
-      PyErr_Format(PyExc_TypeError, "%s got an unexpected keyword argument '%U'", where, kw);
-      return false;
-    }
-    if (out[found] != nullptr) {
-      PyErr_Format(PyExc_TypeError, "%s got multiple values for argument '%s'", where, names[found]);
-      return false;
-    }
-    out[found] = args[nargs + k];
-  }
-  for (int i = 0; i < required; ++i)
-    if (out[i] == nullptr) {
-      PyErr_Format(PyExc_TypeError, "%s missing required argument '%s'", where, names[i]);
-      return false;
-    }
   return true;
 }
 

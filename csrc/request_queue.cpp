@@ -338,7 +338,7 @@ PyObject *rq_clear_method(PyObject *self, PyObject *) {
 
 Py_ssize_t rq_len(PyObject *self) { return static_cast<Py_ssize_t>(as_queue(self)->base.heap.size()); }
 int rq_bool(PyObject *self) { return !as_queue(self)->base.heap.empty(); }
-PyObject *rq_iter(PyObject *self) { return new_heap_iter(self, IterMode::Objects); }
+PyObject *rq_iter(PyObject *self) { return new_heap_iter(self); }
 PyObject *rq_check(PyObject *self, PyObject *) { return check_heap(as_queue(self)->base.heap); }
 
 PyObject *rq_get_aging_rate(PyObject *self, void *) { return PyFloat_FromDouble(as_queue(self)->aging_rate); }

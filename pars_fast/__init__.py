@@ -12,7 +12,6 @@ __version__ = "0.1.0"
 
 # Public API, imported lazily so `import pars_fast` stays cheap (no torch, no vLLM).
 _EXPORTS = {
-    "ScoredHeap": "pars_fast.queue",
     "ScoredRequestQueue": "pars_fast.queue",
     "Ranker": "pars_fast.ranker",
     "RankerConfig": "pars_fast.ranker",
@@ -33,7 +32,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from pars_fast.queue import ScoredHeap, ScoredRequestQueue
+    from pars_fast.queue import ScoredRequestQueue
     from pars_fast.ranker import Ranker, RankerConfig
     from pars_fast.vllm.config import PARSConfig
     from pars_fast.vllm.scheduler import PARSScheduler

@@ -1,12 +1,12 @@
 """Type stub for pars_fast._heap, the C++ extension (csrc/).
 
-Use it through pars_fast.queue (ScoredHeap, ScoredRequestQueue, NotQueuedError).
+Use it through pars_fast.queue (ScoredRequestQueue, NotQueuedError).
 Every type here holds strong references to its objects, takes part in cyclic
 garbage collection, and stays consistent if Python code it triggers (__float__,
 properties, key functions, __del__) re-enters it.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 __version__: str
@@ -14,7 +14,6 @@ __version__: str
 ARITY: int
 
 _T = TypeVar("_T")
-_Reals = Sequence[float] | Any  # a sequence of real numbers or a 1-D NumPy array (any float/int dtype)
 
 class NotQueuedError(KeyError, ValueError):
     """An id or request is not in the heap/queue.
@@ -24,45 +23,10 @@ class NotQueuedError(KeyError, ValueError):
     """
 
 class HeapIterator(Iterator[_T]):
-    """Entries in pop order, from a snapshot of the heap taken at the first next()."""
+    """Queued objects in pop order, from a snapshot of the heap taken at the first next()."""
 
     def __next__(self) -> _T: ...
     def __length_hint__(self) -> int: ...
-
-class ScoredHeap:
-    """Indexed min-heap of (key, tie, seq, id, obj) entries.
-
-    Order: ascending key, then tie, then seq (insertion order, so equal keys are
-    FIFO). Ids are str and unique. push, pop, remove, update: O(log n);
-    peek, contains, key_of: O(1).
-    Errors: IndexError (pop/peek of an empty heap), KeyError (duplicate id),
-    NotQueuedError (unknown id; a KeyError), ValueError (NaN key or tie),
-    TypeError (non-str id, non-real key).
-    """
-
-    def __init__(self) -> None: ...
-    def push(self, id: str, key: float, obj: object, tie: float = 0.0) -> None: ...
-    def push_many(
-        self, ids: Sequence[str], keys: _Reals, objs: Sequence[object], ties: _Reals | None = None
-    ) -> None:
-        """All or nothing: on any error (including a duplicate id) nothing is pushed."""
-    def pop(self) -> Any: ...
-    def peek(self) -> Any: ...
-    def popitem(self) -> tuple[str, float, Any]: ...
-    def peekitem(self) -> tuple[str, float, Any]: ...
-    def remove(self, id: str) -> Any:
-        """Remove the entry with this id and return its object."""
-    def update(self, id: str, key: float, tie: float | None = None) -> None:
-        """New key (and tie unless None); the entry keeps its seq."""
-    def contains(self, id: str) -> bool: ...
-    def key_of(self, id: str) -> float: ...
-    def items(self) -> HeapIterator[tuple[str, float, Any]]: ...
-    def clear(self) -> None: ...
-    def _check(self) -> None:
-        """Verify internal invariants; AssertionError if broken (for tests)."""
-    def __iter__(self) -> HeapIterator[Any]: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, id: object) -> bool: ...
 
 class RequestHeap:
     """C++ body of pars_fast.queue.ScoredRequestQueue: vLLM's RequestQueue over an indexed heap.

@@ -44,14 +44,11 @@ from pars_fast import _heap
 
 __all__ = [
     "NotQueuedError",
-    "ScoredHeap",
     "ScoredRequestQueue",
     "aging_wait_bound",
     "register_with_vllm",
 ]
 
-#: The general indexed min-heap of ``(key, tie, seq, id, obj)`` entries.
-ScoredHeap = _heap.ScoredHeap
 #: Raised for an unknown id or a request that is not queued; both a KeyError
 #: and a ValueError (vLLM's ``remove_request`` raises ValueError).
 NotQueuedError = _heap.NotQueuedError
