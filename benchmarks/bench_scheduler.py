@@ -4,7 +4,7 @@ Run: ``.venv/bin/python -m pytest benchmarks/bench_scheduler.py --benchmark-only
 (``make bench`` runs all benchmarks; ``PARS_BENCH_STEP_ROUNDS`` sets test_step's rounds)
 
 Every provider is a real vLLM 0.32 scheduler on a model-free KV cache
-(``pars_fast.vllm.harness``): the time is the scheduler's own Python, which is what
+(``tests/vllm_harness.py``): the time is the scheduler's own Python, which is what
 PARS adds to each engine step. Scoring is excluded from the step timings (requests
 are scored in the untimed set-up) and measured on its own in ``test_scoring``.
 
@@ -35,7 +35,9 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +46,12 @@ import vllm
 from pars_fast.queue import ScoredRequestQueue
 from pars_fast.tiny_llama import build_tiny_llama
 from pars_fast.vllm import PARSScheduler
-from pars_fast.vllm.harness import RequestFactory, fake_model_output, make_scheduler, make_vllm_config
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
+
+# The scheduler harness is test support (tests/vllm_harness.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from vllm_harness import RequestFactory, fake_model_output, make_scheduler, make_vllm_config  # noqa: E402
 
 PROVIDERS = ["pars", "vllm-fcfs", "vllm-priority", "control"]
 COMPETITORS = PROVIDERS[1:]

@@ -1,5 +1,9 @@
 """Drive a real vLLM V1 scheduler without a model: for tests and step-overhead benchmarks.
 
+Test support, not part of the package (the wheel does not ship it): imported by
+tests/test_scheduler.py (pytest puts tests/ on sys.path) and by
+benchmarks/bench_scheduler.py (which adds tests/ to sys.path itself).
+
 vLLM's own scheduler test helpers (``tests/v1/core/utils.py`` upstream) are not in the
 wheel, so this is our version: a real ``VllmConfig`` for a local model folder, a KV
 cache of a chosen number of blocks, requests with vLLM's prefix-cache block hasher, and
