@@ -2,12 +2,14 @@
 
 Settings go in ``--additional-config '{"pars": {...}}'`` (or ``additional_config=`` of
 ``vllm.LLM``/``AsyncEngineArgs``); see :class:`PARSConfig` for the keys. The scheduler
-classes import vLLM, so they load on first access; the config classes do not.
+classes import vLLM, so they load on first access; the config classes and the version
+guard (``check_vllm_version``, tested range ``TESTED_VLLM``) do not.
 """
 
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from pars_fast.vllm.compat import TESTED_VLLM, check_vllm_version
 from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
 
 _LAZY = {
@@ -16,7 +18,16 @@ _LAZY = {
     "PARSStats": "pars_fast.vllm.scoring",
 }
 
-__all__ = ["FallbackConfig", "PARSAsyncScheduler", "PARSConfig", "PARSConfigError", "PARSScheduler", "PARSStats"]
+__all__ = [
+    "TESTED_VLLM",
+    "FallbackConfig",
+    "PARSAsyncScheduler",
+    "PARSConfig",
+    "PARSConfigError",
+    "PARSScheduler",
+    "PARSStats",
+    "check_vllm_version",
+]
 
 
 def __getattr__(name: str):
