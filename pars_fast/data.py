@@ -32,7 +32,7 @@ import numpy as np
 from pars_fast.paths import home
 
 # Bump when the sample extraction rules change, so stale caches are ignored.
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class Sample:
 
     prompt: str
     response_len: int
+    response_chars: int | None = None  # characters of the response, where known (PARS's δ unit)
 
 
 class DatasetError(ValueError):
@@ -96,7 +97,7 @@ def _pairs_to_samples(pairs: list[tuple[str, str]], tokenizer: Any) -> list[Samp
     """Samples with response lengths; responses of 0 tokens (e.g. only a zero-width space) are dropped."""
     tok = _resolve_tokenizer(tokenizer)
     lengths = count_tokens([r for _, r in pairs], tok)
-    return [Sample(p, n) for (p, _), n in zip(pairs, lengths, strict=True) if n > 0]
+    return [Sample(p, n, len(r)) for (p, r), n in zip(pairs, lengths, strict=True) if n > 0]
 
 
 # --------------------------------------------------------------------------- ShareGPT
@@ -110,14 +111,26 @@ def sharegpt_path() -> Path:
         return Path(path)
 
 
-def iter_sharegpt_pairs(all_turns: bool = False, path: str | Path | None = None) -> Iterator[tuple[str, str]]:
+TURNS = ("first", "all", "later")
+
+
+def iter_sharegpt_pairs(
+    all_turns: bool = False, path: str | Path | None = None, turns: str | None = None
+) -> Iterator[tuple[str, str]]:
     """Yield ``(prompt, response)`` texts from a ShareGPT JSON file, streaming.
 
+    ``turns``: ``"first"`` (turns 0 -> 1 of each conversation, when human -> gpt),
+    ``"all"`` (every adjacent human -> gpt pair), or ``"later"`` (``"all"`` minus the
+    pair at position 0, so no ``"first"`` pair); ``all_turns=True`` means ``"all"``.
     A truncated file (premature EOF) ends the stream after the last complete
     conversation instead of raising: that is how the shipped file is.
     Pairs with an empty/whitespace prompt or response are skipped.
     """
     import ijson
+
+    turns = turns or ("all" if all_turns else "first")
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
 
     path = sharegpt_path() if path is None else Path(path)
     if not path.exists():
@@ -133,10 +146,13 @@ def iter_sharegpt_pairs(all_turns: bool = False, path: str | Path | None = None)
                 if "premature EOF" in str(exc) or "Incomplete JSON content" in str(exc):
                     return  # truncated file: everything before this point was complete
                 raise DatasetError(f"{path}: malformed ShareGPT JSON: {exc}") from exc
-            turns = conv.get("conversations") if isinstance(conv, dict) else None
-            if not isinstance(turns, list):
+            msgs = conv.get("conversations") if isinstance(conv, dict) else None
+            if not isinstance(msgs, list):
                 continue
-            candidates = zip(turns, turns[1:]) if all_turns else [tuple(turns[:2])] if len(turns) >= 2 else []
+            if turns == "first":
+                candidates = [tuple(msgs[:2])] if len(msgs) >= 2 else []
+            else:
+                candidates = list(zip(msgs, msgs[1:]))[1 if turns == "later" else 0 :]
             for a, b in candidates:
                 if not (isinstance(a, dict) and isinstance(b, dict)):
                     continue
@@ -176,7 +192,8 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
     """Samples from a JSONL file.
 
     Each non-blank line is ``{"prompt": str, "response_len": int}`` or
-    ``{"prompt": str, "response": str}`` (length counted in ``tokenizer``).
+    ``{"prompt": str, "response": str}`` (length counted in ``tokenizer``); an
+    optional ``"response_chars": int`` is kept (the response's characters).
     Any malformed line raises :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
@@ -184,6 +201,7 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
         raise FileNotFoundError(f"JSONL file not found: {path}")
     prompts: list[str] = []
     lengths: list[int | None] = []
+    chars: list[int | None] = []
     responses: dict[int, str] = {}
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
@@ -211,13 +229,17 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
                 lengths.append(None)
             else:
                 raise DatasetError(f"{where}: needs 'response_len' (int) or 'response' (str)")
+            c = obj.get("response_chars", len(obj["response"]) if isinstance(obj.get("response"), str) else None)
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+                raise DatasetError(f"{where}: 'response_chars' must be a non-negative integer, got {c!r}")
+            chars.append(c)
             prompts.append(prompt)
     if responses:
         tok = _resolve_tokenizer(tokenizer)
         keys = list(responses)
         for i, n in zip(keys, count_tokens([responses[k] for k in keys], tok), strict=True):
             lengths[i] = n
-    return [Sample(p, int(n)) for p, n in zip(prompts, lengths, strict=True)]  # type: ignore[arg-type]
+    return [Sample(p, int(n), c) for p, n, c in zip(prompts, lengths, chars, strict=True)]  # type: ignore[arg-type]
 
 
 def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
@@ -227,7 +249,10 @@ def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
         for s in samples:
-            f.write(json.dumps({"prompt": s.prompt, "response_len": s.response_len}, ensure_ascii=False) + "\n")
+            row: dict[str, Any] = {"prompt": s.prompt, "response_len": s.response_len}
+            if s.response_chars is not None:
+                row["response_chars"] = s.response_chars
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)  # atomic: readers never see a half-written cache
     return path
 
@@ -291,16 +316,60 @@ def sharegpt_split(
     return train_test_split(samples, test_frac=test_frac, seed=seed)
 
 
+# The later-turn evaluation set: a fixed-seed sample of this many later-turn pairs
+# (all 40k+ would make every evaluation minutes long for no extra information).
+SHAREGPT_LATER_N = 2000
+_LATER_SEED = 7
+
+
+def sharegpt_later(n: int = SHAREGPT_LATER_N, tokenizer: Any = None, seed: int = _LATER_SEED) -> list[Sample]:
+    """Held-out **later-turn** ShareGPT prompts: an evaluation set, never training data.
+
+    Every human -> gpt pair after position 0 of a conversation (``turns="later"``:
+    none of them is a first-turn pair, so none is in the first-turn train split),
+    then a seeded sample of ``n`` with a non-empty response, in file order.
+    The prompt is that turn's text alone, without the conversation before it.
+    58 of the 2,000 prompts (short follow-ups such as "continue") also occur
+    verbatim among the first-turn train prompts. Cached under ``$PARS_FAST_HOME/data``.
+    """
+    tok = _resolve_tokenizer(tokenizer)
+    cache = home() / "data" / f"sharegpt-later{n}-s{seed}-v{_CACHE_FORMAT}-{tokenizer_id(tok)}.jsonl"
+    if cache.is_file():
+        try:
+            samples = load_jsonl(cache)
+            if samples:
+                return samples
+        except (DatasetError, OSError, UnicodeError):
+            pass  # corrupt cache: rebuild it
+    pairs = list(iter_sharegpt_pairs(turns="later"))
+    order = np.random.default_rng(seed).permutation(len(pairs)).tolist()
+    kept: dict[int, int] = {}  # pair index -> response tokens
+    pos = 0
+    while len(kept) < n and pos < len(order):
+        # Count responses only for candidates (most of the 40k are never needed); a few have 0 tokens.
+        cand = order[pos : pos + n - len(kept) + 64]
+        pos += len(cand)
+        for i, k in zip(cand, count_tokens([pairs[i][1] for i in cand], tok), strict=True):
+            if k > 0 and len(kept) < n:
+                kept[i] = k
+    samples = [Sample(pairs[i][0], kept[i]) for i in sorted(kept)]
+    save_jsonl(samples, cache)
+    return samples
+
+
 def load_dataset(spec: str, tokenizer: Any = None) -> list[Sample]:
     """Samples named by a CLI spec: ``sharegpt``/``sharegpt-train``/``sharegpt-test``,
-    ``sharegpt-all[-train|-test]``, ``humaneval``, or a ``.jsonl`` path."""
+    ``sharegpt-all[-train|-test]``, ``sharegpt-later`` (evaluation only), ``humaneval``,
+    or a ``.jsonl`` path."""
+    if spec == "sharegpt-later":
+        return sharegpt_later(tokenizer=tokenizer)
     if spec.startswith("sharegpt"):
         rest = spec[len("sharegpt") :]
         all_turns = rest.startswith("-all")
         if all_turns:
             rest = rest[len("-all") :]
         if rest not in ("", "-train", "-test"):
-            raise DatasetError(f"unknown ShareGPT split {spec!r}: use sharegpt[-all][-train|-test]")
+            raise DatasetError(f"unknown ShareGPT split {spec!r}: use sharegpt[-all][-train|-test] or sharegpt-later")
         train, test = sharegpt_split(all_turns=all_turns, tokenizer=tokenizer)
         return {"": train + test, "-train": train, "-test": test}[rest]
     if spec == "humaneval":
@@ -309,7 +378,8 @@ def load_dataset(spec: str, tokenizer: Any = None) -> list[Sample]:
     if path.suffix == ".jsonl" or path.exists():
         return load_jsonl(path, tokenizer=tokenizer)
     raise DatasetError(
-        f"unknown dataset {spec!r}: use sharegpt[-all][-train|-test], humaneval, or a path to a .jsonl file"
+        f"unknown dataset {spec!r}: use sharegpt[-all][-train|-test], sharegpt-later, humaneval, "
+        "or a path to a .jsonl file"
     )
 
 
@@ -352,6 +422,8 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 
 
 __all__ = [
+    "SHAREGPT_LATER_N",
+    "TURNS",
     "DatasetError",
     "Sample",
     "check_rankable",
@@ -365,6 +437,7 @@ __all__ = [
     "load_jsonl",
     "load_sharegpt",
     "save_jsonl",
+    "sharegpt_later",
     "sharegpt_path",
     "sharegpt_split",
     "tokenizer_id",

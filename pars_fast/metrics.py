@@ -4,12 +4,14 @@
 * Pairwise accuracy over the δ-filtered pairs (``|La - Lb| / max(La, Lb) >= δ``),
   the pairs PARS trains on: the fraction ordered correctly (longer response =
   higher score); a tied score counts as half right, like a coin flip.
+* :func:`bootstrap_se`: the standard error of τ (or any metric) over a resample
+  of the evaluation prompts, so two rankers can be told apart from noise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -92,4 +94,28 @@ def ranking_metrics(
     }
 
 
-__all__ = ["kendall_tau", "pairwise_accuracy", "pairwise_counts", "ranking_metrics", "spearman"]
+def bootstrap_se(
+    scores: Sequence[float] | np.ndarray,
+    lengths: Sequence[int] | np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float] = kendall_tau,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> float:
+    """Standard deviation of ``metric`` over ``n_boot`` resamples of the items (with replacement).
+
+    Seeded, so a table re-computed from the same scores shows the same SE.
+    """
+    s, length = _as_arrays(scores, lengths)
+    if s.size < 3:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, s.size, s.size)
+        v = metric(s[idx], length[idx])
+        if not math.isnan(v):
+            vals.append(v)
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+
+
+__all__ = ["bootstrap_se", "kendall_tau", "pairwise_accuracy", "pairwise_counts", "ranking_metrics", "spearman"]
