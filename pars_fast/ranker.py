@@ -1,19 +1,29 @@
-"""The PARS ranker: a BERT-family encoder, pooling, and a ``Linear(hidden, 1)`` head.
+"""The PARS ranker: a BERT-family encoder, pooling, and a score head.
 
 ``Ranker.score(prompts)`` returns one float32 per prompt; a higher score means a
 longer expected response, so a scheduler serves prompts in ascending score order.
-Only the prompt text is read, truncated to ``config.max_prompt_tokens`` tokens
+The encoder reads the prompt truncated to ``config.max_prompt_tokens`` tokens
 (PARS uses 128).
 
-A saved ranker is a self-contained folder::
+The head (:mod:`pars_fast.heads`) is PARS's ``Linear(hidden, 1)`` on the pooled
+embedding, or an MLP, optionally fused with cheap features of the prompt's
+whole text (:mod:`pars_fast.features`) and blended with a kNN memory of the
+training prompts. ``Ranker.head_spec`` says which.
 
-    ranker.json        format version + RankerConfig
-    encoder/           the encoder (HF ``save_pretrained``: config.json, model.safetensors)
-    head.safetensors   the linear head (weight [1, hidden], bias [1])
-    tokenizer/         the tokenizer (HF ``save_pretrained``)
-    metadata.json      how it was trained: data, loss, mode, metrics, pars_fast version
+A saved ranker is a self-contained folder (format version 2; version-1 folders,
+which are plain-linear ones without ``"head"`` in ``ranker.json``, still load)::
 
-The forward pass runs in an encoder *backend* (:mod:`pars_fast.backends`).
+    ranker.json         format version, RankerConfig, and the head spec ("head")
+    encoder/            the encoder (HF ``save_pretrained``: config.json, model.safetensors)
+    head.safetensors    plain linear head: weight [1, hidden], bias [1] (as in version 1);
+                        any other head: the ScoreHead tensors (net.*, standardization buffers)
+    memory.safetensors  kNN heads only: keys [m, hidden] (fp16, unit rows), values [m] (log1p length)
+    tokenizer/          the tokenizer (HF ``save_pretrained``)
+    metadata.json       how it was trained: data, recipe, loss, mode, metrics, pars_fast version
+
+The forward pass runs in an encoder *backend* (:mod:`pars_fast.backends`). A
+plain linear head is scored by the backend itself (the Triton path fuses it);
+other heads run in torch on the backend's ``pooled()`` output.
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ import torch
 
 from pars_fast.backends import POOLINGS, EncoderBackend, check_batch, make_backend
 from pars_fast.data import clean_text
+from pars_fast.heads import HeadSpec, ScoreHead
 
 FORMAT = "pars_fast.ranker"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TRUNCATIONS = ("head", "head_tail")
 
 # Long prompts are cut (at whitespace) to this many characters per needed token
@@ -110,7 +121,10 @@ def _missing_message(path: Path, missing: list[str], is_default: bool) -> str:
 class Ranker:
     """Scores prompts: higher = longer expected response.
 
-    Attributes: ``encoder`` (transformers model), ``head`` (``torch.nn.Linear``),
+    Attributes: ``encoder`` (transformers model), ``head_spec`` (:class:`~pars_fast.heads.HeadSpec`),
+    ``head`` (``torch.nn.Linear``: the head the backend scores with; the real
+    head when ``head_spec.is_plain_linear``), ``score_head`` (the
+    :class:`~pars_fast.heads.ScoreHead` of any other head, else ``None``),
     ``tokenizer``, ``config`` (:class:`RankerConfig`), ``metadata`` (dict),
     ``device``, ``backend`` (the :class:`~pars_fast.backends.EncoderBackend`).
     """
@@ -118,7 +132,7 @@ class Ranker:
     def __init__(
         self,
         encoder: torch.nn.Module,
-        head: torch.nn.Linear,
+        head: torch.nn.Linear | ScoreHead,
         tokenizer: Any,
         config: RankerConfig | None = None,
         metadata: dict[str, Any] | None = None,
@@ -127,11 +141,9 @@ class Ranker:
     ) -> None:
         self.config = (config or RankerConfig()).validate()
         hidden = int(encoder.config.hidden_size)
-        if not isinstance(head, torch.nn.Linear) or head.in_features != hidden or head.out_features != 1:
-            raise ValueError(f"head must be torch.nn.Linear({hidden}, 1), got {head!r}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.encoder = encoder.to(self.device).eval()
-        self.head = head.to(self.device).eval()
+        self._set_head_objects(head, hidden)
         self.tokenizer = tokenizer
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._prefix_ids, self._suffix_ids = _special_template(tokenizer)
@@ -149,6 +161,36 @@ class Ranker:
             raise ValueError(f"max_prompt_tokens must exceed the {self._n_special} special tokens")
         self.vocab_size = int(encoder.config.vocab_size)
         self.set_backend(backend)
+
+    def _set_head_objects(self, head: torch.nn.Linear | ScoreHead, hidden: int) -> None:
+        if isinstance(head, ScoreHead):
+            if head.hidden != hidden:
+                raise ValueError(f"head reads {head.hidden}-dim embeddings, the encoder gives {hidden}")
+            spec = head.spec
+            if spec.is_plain_linear:
+                head = head.as_linear()
+        elif isinstance(head, torch.nn.Linear):
+            spec = HeadSpec("linear")
+        else:
+            raise ValueError(f"head must be torch.nn.Linear({hidden}, 1) or a ScoreHead, got {head!r}")
+        self.head_spec: HeadSpec = spec
+        if isinstance(head, torch.nn.Linear):
+            if head.in_features != hidden or head.out_features != 1:
+                raise ValueError(f"head must be torch.nn.Linear({hidden}, 1), got {head!r}")
+            self.head = head.to(self.device).eval()
+            self.score_head: ScoreHead | None = None
+        else:
+            self.score_head = head.to(self.device).eval()
+            # The backend still wants a Linear; with this head it is never used to score.
+            self.head = torch.nn.Linear(hidden, 1).to(self.device).eval()
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.zero_()
+
+    def set_head(self, head: torch.nn.Linear | ScoreHead) -> None:
+        """Replace the score head (and rebuild the backend around it)."""
+        self._set_head_objects(head, self.hidden_size)
+        self.set_backend(self.backend_name)
 
     # ------------------------------------------------------------------ construction
 
@@ -208,15 +250,22 @@ class Ranker:
             if int(info.get("format_version", -1)) > FORMAT_VERSION:
                 raise ValueError(f"format_version {info['format_version']} is newer than this pars_fast reads")
             config = RankerConfig.from_dict(info["config"])
+            spec = HeadSpec.from_dict(info["head"]) if "head" in info else HeadSpec("linear")  # version 1: linear
             encoder = AutoModel.from_pretrained(str(folder / "encoder"))
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
             state = load_file(str(folder / "head.safetensors"))
             hidden = int(encoder.config.hidden_size)
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-            if shapes != {"weight": (1, hidden), "bias": (1,)}:
-                raise ValueError(f"head.safetensors must hold weight [1, {hidden}] and bias [1]; got {shapes}")
-            head = torch.nn.Linear(hidden, 1)
-            head.load_state_dict(state)
+            head: torch.nn.Linear | ScoreHead
+            if spec.is_plain_linear:
+                shapes = {k: tuple(v.shape) for k, v in state.items()}
+                if shapes != {"weight": (1, hidden), "bias": (1,)}:
+                    raise ValueError(f"head.safetensors must hold weight [1, {hidden}] and bias [1]; got {shapes}")
+                head = torch.nn.Linear(hidden, 1)
+                head.load_state_dict(state)
+            else:
+                mem_file = folder / "memory.safetensors"
+                memory = load_file(str(mem_file)) if mem_file.is_file() else None
+                head = ScoreHead.from_tensors(hidden, spec, state, memory)
             meta_file = folder / "metadata.json"
             metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         except RankerLoadError:
@@ -237,11 +286,22 @@ class Ranker:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(self.config)}
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "head": self.head_spec.to_dict(),
+        }
         (tmp / "ranker.json").write_text(json.dumps(info, indent=2) + "\n")
         self.encoder.save_pretrained(str(tmp / "encoder"))
-        state = {k: v.detach().cpu().contiguous().float() for k, v in self.head.state_dict().items()}
-        save_file(state, str(tmp / "head.safetensors"))
+        if self.score_head is None:
+            state = {k: v.detach().cpu().contiguous().float() for k, v in self.head.state_dict().items()}
+            save_file(state, str(tmp / "head.safetensors"))
+        else:
+            state, memory = self.score_head.tensors()
+            save_file(state, str(tmp / "head.safetensors"))
+            if memory is not None:
+                save_file(memory, str(tmp / "memory.safetensors"))
         self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"pars_fast_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.metadata}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -265,6 +325,8 @@ class Ranker:
         self.device = torch.device(device)
         self.encoder.to(self.device)
         self.head.to(self.device)
+        if self.score_head is not None:
+            self.score_head.to(self.device)
         self.set_backend(self.backend_name)
         return self
 
@@ -342,19 +404,58 @@ class Ranker:
 
     # ------------------------------------------------------------------ scoring
 
-    def score_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Scores of token-id lists as produced by :meth:`tokenize` (float32, input order)."""
-        batch = [list(map(int, ids)) for ids in batch]
+    def _head_scores(self, pooled: torch.Tensor, texts: Sequence[str] | None, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores of pooled embeddings under a non-plain head (cheap features from ``texts``, else decoded ids)."""
+        assert self.score_head is not None
+        feats = None
+        if self.score_head.n_features:
+            from pars_fast.features import cheap_features
+
+            if texts is None:
+                # Only token ids: the features see the decoded (truncated, lower-cased) prompt.
+                texts = self.tokenizer.batch_decode([list(ids) for ids in batch], skip_special_tokens=True)
+            feats = torch.from_numpy(cheap_features(texts)).to(pooled.device)
+        return self.score_head(pooled.float(), feats)
+
+    def _run(
+        self, batch: list[list[int]], texts: Sequence[str] | None, embed: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if not batch:
-            return np.empty(0, dtype=np.float32)
+            return np.empty(0, dtype=np.float32), np.empty((0, self.hidden_size), dtype=np.float32) if embed else None
         check_batch(batch, self.vocab_size, self.max_input_tokens)
         with torch.inference_mode():
-            scores = self.backend.score(batch)
-        return scores.detach().float().cpu().numpy().astype(np.float32, copy=False)
+            if self.score_head is None and not embed:
+                scores = self.backend.score(batch)
+                pooled = None
+            else:
+                pooled = self.backend.pooled(batch).float()
+                scores = self.head(pooled).squeeze(-1) if self.score_head is None else self._head_scores(pooled, texts, batch)
+            out = scores.detach().float().cpu().numpy().astype(np.float32, copy=False)
+            emb = pooled.cpu().numpy().astype(np.float32, copy=False) if pooled is not None and embed else None
+        return out, emb
+
+    def score_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Scores of token-id lists as produced by :meth:`tokenize` (float32, input order).
+
+        A head that fuses cheap prompt features reads them from the decoded ids
+        here; :meth:`score` reads them from the whole prompt text instead.
+        """
+        return self._run([list(map(int, ids)) for ids in batch], None, embed=False)[0]
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """Score prompts in one batched call: float32 array, higher = longer expected response."""
-        return self.score_token_ids(self.tokenize(prompts))
+        texts = self._check_prompts(prompts)
+        return self._run(self.tokenize(texts), texts, embed=False)[0]
+
+    def score_and_embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [n] float32, pooled embeddings [n, hidden] float32)`` from one encoder pass.
+
+        The embeddings are exactly what the head (and a kNN memory) read.
+        """
+        texts = self._check_prompts(prompts)
+        scores, emb = self._run(self.tokenize(texts), texts, embed=True)
+        assert emb is not None
+        return scores, emb
 
     def pooled(self, prompts: Sequence[str]) -> np.ndarray:
         """Pooled encoder features (float32 [n, hidden]) of prompts."""
@@ -366,7 +467,8 @@ class Ranker:
 
     def __repr__(self) -> str:
         return (
-            f"Ranker({type(self.encoder).__name__}, hidden={self.hidden_size}, {self.config}, "
+            f"Ranker({type(self.encoder).__name__}, hidden={self.hidden_size}, {self.config}, head={self.head_spec.kind}"
+            f"{'+features' if self.head_spec.features else ''}{'+knn' if self.head_spec.knn else ''}, "
             f"backend={self.backend_name!r}, device={str(self.device)!r})"
         )
 
