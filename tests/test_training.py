@@ -90,7 +90,8 @@ def test_feature_cache_rows_are_reused(head_result, samples, home):
 def test_full_mode_updates_encoder_and_keeps_best(samples, init_head):
     train_s, _ = samples
     base = Ranker.from_backbone(device="cpu", backend="hf")
-    cfg = TrainConfig(loss="pairwise", mode="full", batch_size=8, max_steps=2, init_head=init_head)
+    # No warm-up: get_linear_schedule_with_warmup's first warm-up step has lr 0, and every step here must move.
+    cfg = TrainConfig(loss="pairwise", mode="full", batch_size=8, max_steps=2, init_head=init_head, warmup_frac=0.0)
     result = train(train_s[:60], cfg, progress=False)
     if init_head == "probe":
         # The probed start is evaluated at step 0 and kept only if no later step beats it.
