@@ -34,9 +34,9 @@ _LONG_WORDS = ("essay", "article", "blog", "story", "detailed", "detail", "compr
 _SHORT_WORDS = ("short", "brief", "briefly", "concise", "one sentence", "yes or no", "one word", "only",
                 "just", "tl;dr", "title", "name", "correct", "grammar")
 _WORD = re.compile(r"[a-z][a-z';]*")
-# "500 words", "10 ideas", "5 paragraphs": a requested size.
+# "500 words", "a 2,000-word essay", "10 ideas", "3 to 5 paragraphs": a requested size.
 _COUNT = re.compile(
-    r"(\d{1,5})\s*(?:-\s*\d{1,5}\s*)?(words?|paragraphs?|sentences?|lines?|pages?|items?|points?|"
+    r"(\d{1,3}(?:,\d{3})+|\d{1,6})\s*(?:(?:-|to)\s*\d{1,6}\s*)?-?\s*(words?|paragraphs?|sentences?|lines?|pages?|items?|points?|"
     r"examples?|ideas?|steps?|questions?|tips?|names?|titles?|bullets?|days?|chapters?|slides?)\b"
 )
 _CODE = re.compile(r"[{};]|\bdef |\bclass |\bimport |\breturn\b|=>|</?\w+>")
@@ -70,7 +70,7 @@ def _one(text: str) -> list[float]:
     first = words[0] if words else ""
     word_set = set(words)
     n_chars = len(text)
-    counts = [(int(m.group(1)), m.group(2)) for m in _COUNT.finditer(lower[:4000])]
+    counts = [(int(m.group(1).replace(",", "")), m.group(2)) for m in _COUNT.finditer(lower[:4000])]
     requested = max((c for c, _ in counts), default=0)
     head = lower[:4000]
     return [

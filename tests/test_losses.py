@@ -59,16 +59,32 @@ def test_pairwise_margin_loss_by_hand():
     assert scores.grad.tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3])
 
 
-def test_pairwise_loss_matches_torch_margin_ranking_loss():
+def test_pairwise_loss_matches_a_pair_by_pair_loop():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(32, generator=g)
     lengths = torch.randint(1, 600, (32,), generator=g)
-    loss, n = pairwise_margin_loss(scores, lengths, delta=0.2)
-    i, j = pair_mask(lengths, 0.2).nonzero(as_tuple=True)
-    y = torch.sign(lengths[i] - lengths[j]).float()
-    ref = torch.nn.MarginRankingLoss(margin=1.0)(scores[i], scores[j], y)
-    assert n == i.numel() > 0
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    loss, n = pairwise_margin_loss(scores, lengths, delta=0.2, margin=0.7)
+    s, ln = scores.tolist(), lengths.tolist()
+    hinges = []
+    for i in range(32):
+        for j in range(i + 1, 32):
+            a, b = ln[i], ln[j]
+            if a != b and abs(a - b) >= 0.2 * max(a, b):
+                y = 1.0 if a > b else -1.0
+                hinges.append(max(0.0, 0.7 - y * (s[i] - s[j])))
+    assert n == len(hinges) > 0
+    assert loss.item() == pytest.approx(sum(hinges) / len(hinges), rel=1e-5)
+
+
+def test_listmle_matches_the_plackett_luce_likelihood():
+    # Distinct lengths: the true order is unique, NLL = -sum_k log(exp(s_k) / sum_{m >= k} exp(s_m)).
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(12, generator=g, dtype=torch.float64)
+    lengths = torch.randperm(12, generator=g) * 10 + 5
+    order = sorted(range(12), key=lambda i: -int(lengths[i]))
+    s = [float(scores[i]) for i in order]
+    nll = -sum(math.log(math.exp(s[k]) / sum(math.exp(v) for v in s[k:])) for k in range(12))
+    assert listmle_loss(scores, lengths).item() == pytest.approx(nll / 12, rel=1e-9)
 
 
 def test_pairwise_loss_without_pairs_is_zero_with_graph():

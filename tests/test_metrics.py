@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pars_fast.metrics import kendall_tau, pairwise_accuracy, pairwise_counts, ranking_metrics, spearman
+from pars_fast.metrics import bootstrap_se, kendall_tau, pairwise_accuracy, pairwise_counts, ranking_metrics, spearman
 
 
 def test_perfect_and_reversed():
@@ -82,14 +82,65 @@ def test_pairwise_counts_match_brute_force(items, delta):
     assert pairwise_counts(scores, lengths, delta) == _brute(scores, lengths, delta)
 
 
+def _brute_pure(scores, lengths, delta):
+    """The δ-filtered pair count in plain Python floats (no numpy), for large inputs."""
+    correct = 0.0
+    pairs = 0
+    n = len(scores)
+    for i in range(n):
+        a, si = lengths[i], scores[i]
+        for j in range(i + 1, n):
+            b = lengths[j]
+            if a == b or abs(a - b) < delta * max(a, b) - 1e-9:
+                continue
+            pairs += 1
+            d = (si - scores[j]) * (a - b)
+            correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+    return correct, pairs
+
+
 def test_blocked_pair_count_on_large_input():
     # n > the 1024-row block: blocks must not drop or double-count pairs.
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 1000, 2500)
-    scores = lengths + rng.normal(0, 200, 2500)
+    lengths = rng.integers(1, 1000, 1100).tolist()
+    scores = (np.asarray(lengths) + rng.normal(0, 200, 1100)).round(0).tolist()  # rounding makes score ties
     correct, pairs = pairwise_counts(scores, lengths, 0.2)
-    diff = np.abs(lengths[:, None] - lengths[None, :])
-    keep = np.triu((diff > 0) & (diff >= 0.2 * np.maximum(lengths[:, None], lengths[None, :]) - 1e-9), 1)
-    agree = np.sign(lengths[:, None] - lengths[None, :]) * np.sign(scores[:, None] - scores[None, :])
-    assert pairs == keep.sum()
-    assert correct == pytest.approx((agree[keep] > 0).sum() + 0.5 * (agree[keep] == 0).sum())
+    want_correct, want_pairs = _brute_pure(scores, lengths, 0.2)
+    assert pairs == want_pairs
+    assert correct == pytest.approx(want_correct)
+
+
+def _tau_b(x, y):
+    """Kendall τ-b from its definition: (concordant - discordant) / sqrt((n0 - n1)(n0 - n2))."""
+    conc = disc = ties_x = ties_y = 0
+    n = len(x)
+    for i, j in itertools.combinations(range(n), 2):
+        dx, dy = x[i] - x[j], y[i] - y[j]
+        if dx == 0:
+            ties_x += 1
+        if dy == 0:
+            ties_y += 1
+        if dx * dy > 0:
+            conc += 1
+        elif dx * dy < 0:
+            disc += 1
+    n0 = n * (n - 1) / 2
+    return (conc - disc) / math.sqrt((n0 - ties_x) * (n0 - ties_y))
+
+
+def test_kendall_tau_matches_the_definition_with_ties():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x = rng.integers(0, 8, 60).tolist()  # many ties on both sides
+        y = rng.integers(0, 12, 60).tolist()
+        assert kendall_tau(x, y) == pytest.approx(_tau_b(x, y), abs=1e-12)
+
+
+def test_bootstrap_se_matches_tau_null_standard_deviation():
+    # For independent scores and lengths, tau's sampling SD is sqrt(2(2n+5) / (9n(n-1))) (Kendall 1938).
+    rng = np.random.default_rng(2)
+    n = 400
+    se = bootstrap_se(rng.normal(size=n), rng.integers(1, 10_000, n), n_boot=300)
+    want = math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
+    assert se == pytest.approx(want, rel=0.2)
+    assert math.isnan(bootstrap_se([1.0, 2.0], [3, 4]))
