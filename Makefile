@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pars-fast-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all check-wheel bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 
 test-all: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ""
+
+# Build the wheel, install it into a fresh venv (outside .venv/) and smoke-test the install.
+check-wheel:
+	PYTHON=$(PYTHON) .ci/check-wheel
 
 bench: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,rounds
