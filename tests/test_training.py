@@ -108,6 +108,52 @@ def test_full_mode_updates_encoder_and_keeps_best(samples, init_head):
     assert not r.encoder.training
 
 
+def test_head_mode_mlp_features_knn_round_trip(samples, tmp_path):
+    # The default recipe's head on the module's cached features: seconds.
+    train_s, test_s = samples
+    cfg = TrainConfig(mode="head", head="mlp", head_units=64, features=True, knn=True, knn_k=10, epochs=10)
+    result = train(train_s, cfg, progress=False)
+    r = result.ranker
+    assert r.head_spec.kind == "mlp" and r.head_spec.features and r.head_spec.knn is not None
+    assert r.score_head.memory.rows == result.n_train
+    assert "knn" in result.best and result.best["knn"]["grid"]
+    prompts = [s.prompt for s in test_s]
+    scores = r.score(prompts)
+    assert kendall_tau(scores, [s.response_len for s in test_s]) > 0.15
+    loaded = Ranker.load(r.save(tmp_path / "r"), backend="hf", device="cpu")
+    assert np.allclose(loaded.score(prompts[:20]), scores[:20], atol=1e-5)
+    assert loaded.metadata["head"]["kind"] == "mlp"
+
+
+def test_delta_in_characters_orders_pairs_by_response_characters(samples):
+    train_s, _ = samples
+    assert all(s.response_chars is not None and s.response_chars >= s.response_len for s in train_s[:50])
+    result = train(train_s, TrainConfig(mode="head", delta_unit="chars", epochs=3), progress=False)
+    assert result.ranker.metadata["train_config"]["delta_unit"] == "chars"
+    with pytest.raises(ValueError, match="response characters"):
+        train([Sample(f"p{i}", 10 + 40 * (i % 2)) for i in range(30)], TrainConfig(delta_unit="chars"), progress=False)
+
+
+def test_recipes_and_flags_merge():
+    import argparse
+
+    from pars_fast.training.cli import configs_from_args, configure_parser
+    from pars_fast.training.recipes import RECIPES
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    cfg, rcfg = configs_from_args(parser.parse_args(["--recipe", "paper", "--epochs", "1", "--truncation", "head_tail"]))
+    assert (cfg.mode, cfg.epochs, cfg.batch_size, cfg.lr, cfg.init_head) == ("full", 1, 32, 2e-5, "probe")
+    assert rcfg.truncation == "head_tail" and rcfg.max_prompt_tokens == 128
+    cfg, _ = configs_from_args(parser.parse_args([]))
+    assert cfg == TrainConfig()
+    cfg, _ = configs_from_args(parser.parse_args(["--recipe", "default", "--no-knn"]))
+    assert cfg.head == "mlp" and cfg.features and not cfg.knn
+    assert set(RECIPES) >= {"fast", "default", "paper", "best"}
+    for name in RECIPES:
+        configs_from_args(parser.parse_args(["--recipe", name]))[0].resolved()
+
+
 def test_unusable_training_data_is_a_clear_error():
     with pytest.raises(DatasetError, match="empty"):
         train([], TrainConfig())
