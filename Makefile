@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pars-fast-installed
 
-.PHONY: setup demo test test-all check-wheel bench clean
+.PHONY: setup demo test test-all test-dp check-wheel bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 
 test-all: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ""
+
+# The data-parallel engine test (two engine cores; ~2 min on 2 cores): see docs/ARCHITECTURE.md.
+test-dp: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m dp
 
 # Build the wheel, install it into a fresh venv (outside .venv/) and smoke-test the install.
 check-wheel:
