@@ -51,6 +51,7 @@ BackendFactory = Callable[[torch.nn.Module, torch.nn.Linear, str, torch.device],
 _REGISTRY: dict[str, BackendFactory | str] = {
     "hf": "pars_fast.backends:HFBackend",
     "torch": "pars_fast.encoder:TorchPackedEncoder",  # packed CPU path
+    "torch-int8": "pars_fast.encoder:int8_backend",  # packed CPU path, int8 dynamic-quantized GEMMs
     "triton": "pars_fast.kernels.encoder:TritonBertEncoder",  # fused kernels (CUDA, or TRITON_INTERPRET=1)
 }
 
