@@ -3,8 +3,8 @@
 A ranker's score is computed from the pooled embedding ``e [n, hidden]`` that the
 backend returns, in up to three parts::
 
-    score = net([ (e - mu_e) / sd_e , (f - mu_f) / sd_f ])  +  knn_weight * (knn(e) - mu_v) / sd_v
-            \\____ base: "linear" or "mlp" ____/  \\ cheap prompt features (optional)
+    score = net([ (e - mu_e) / sd_e , (f - mu_f) / sd_f , (m - mu_m) / sd_m ])  +  knn_weight * (knn(e) - mu_v) / sd_v
+            \\____ base: "linear" or "mlp" over the embedding, cheap prompt features f and kNN inputs m (optional) ____/
 
 * ``net``: ``Linear(d, 1)`` (``kind="linear"``, PARS's head) or
   ``Linear(d, units) -> GELU -> Linear(units, 1)`` (``kind="mlp"``).
@@ -13,7 +13,11 @@ backend returns, in up to three parts::
 * ``knn``: a retrieval memory (:class:`KnnMemory`) of the training prompts'
   L2-normalised embeddings and their log response lengths: the
   softmax-weighted mean log length of the ``k`` most cosine-similar training
-  prompts. Its weight is tuned on the validation slice after the net is trained.
+  prompts. Either blended in after the net is trained (weight tuned on the
+  validation slice), or, with ``knn_inputs``, fed to the net as inputs
+  (:data:`KNN_INPUTS`: the neighbour mean at several ``k`` and how similar the
+  neighbours are); the net then learns how far to trust the memory, from
+  leave-one-out lookups of the training prompts.
 
 The standardization statistics are buffers, so a head is self-contained and is
 saved as one safetensors file (plus ``memory.safetensors`` for the kNN part).
@@ -58,6 +62,7 @@ class HeadSpec:
     features: bool = False  # fuse cheap prompt features
     knn: KnnSpec | None = None
     feature_names: list[str] = field(default_factory=list)  # set when features=True
+    knn_inputs: bool = False  # feed KNN_INPUTS of the memory to the net (needs knn)
 
     def validate(self) -> HeadSpec:
         if self.kind not in HEAD_KINDS:
@@ -66,6 +71,8 @@ class HeadSpec:
             raise ValueError(f"mlp units must be an int >= 1, got {self.units!r}")
         if self.knn is not None:
             self.knn.validate()
+        if self.knn_inputs and self.knn is None:
+            raise ValueError("knn_inputs needs a kNN memory (knn)")
         return self
 
     @property
@@ -79,12 +86,19 @@ class HeadSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadSpec:
         d = dict(d)
-        known = {"kind", "units", "features", "knn", "feature_names"}
+        known = {"kind", "units", "features", "knn", "feature_names", "knn_inputs"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown head keys: {sorted(unknown)}")
         knn = d.pop("knn", None)
         return cls(**d, knn=KnnSpec(**knn) if knn else None).validate()
+
+
+# The kNN inputs of a knn_inputs head: the neighbour mean log length at several
+# (k, temperature), the top-1 and mean top-10 cosine similarity (is there a
+# near-duplicate?), and the top-1 neighbour's own log length.
+KNN_INPUT_LOOKUPS = ((10, 0.05), (50, 0.05), (200, 0.1), (500, 0.1))
+KNN_INPUTS = (*(f"knn_k{k}" for k, _ in KNN_INPUT_LOOKUPS), "top1_sim", "top10_mean_sim", "top1_value")
 
 
 class KnnMemory(torch.nn.Module):
@@ -121,6 +135,22 @@ class KnnMemory(torch.nn.Module):
         w = torch.softmax(top / self.spec.temperature, dim=1)
         return (w * self.values[idx]).sum(1)
 
+    def inputs(self, emb: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The :data:`KNN_INPUTS` columns ``[n, 7]`` of each embedding (one matmul, one top-k)."""
+        q = torch.nn.functional.normalize(emb.float(), dim=1)
+        sims = q @ self.keys.float().T
+        if exclude is not None:
+            sims[torch.arange(len(q)), exclude] = -math.inf
+        avail = self.rows - (1 if exclude is not None else 0)
+        top, idx = sims.topk(max(1, min(max(k for k, _ in KNN_INPUT_LOOKUPS), avail)), dim=1)
+        vals = self.values[idx]
+        cols = []
+        for k, temp in KNN_INPUT_LOOKUPS:
+            w = torch.softmax(top[:, :k] / temp, dim=1)
+            cols.append((w * vals[:, :k]).sum(1))
+        cols += [top[:, 0], top[:, :10].mean(1), vals[:, 0]]
+        return torch.stack(cols, 1)
+
 
 class ScoreHead(torch.nn.Module):
     """The score head of a ranker (see the module doc): base net, optional features, optional kNN blend."""
@@ -132,11 +162,14 @@ class ScoreHead(torch.nn.Module):
         self.n_features = len(self.spec.feature_names) if self.spec.features else 0
         if self.spec.features and not self.n_features:
             raise ValueError("a head with features=True needs feature_names")
-        d = hidden + self.n_features
+        self.n_knn = len(KNN_INPUTS) if self.spec.knn_inputs else 0
+        d = hidden + self.n_features + self.n_knn
         self.register_buffer("e_mean", torch.zeros(hidden))
         self.register_buffer("e_std", torch.ones(hidden))
         self.register_buffer("f_mean", torch.zeros(self.n_features))
         self.register_buffer("f_std", torch.ones(self.n_features))
+        self.register_buffer("m_mean", torch.zeros(self.n_knn))
+        self.register_buffer("m_std", torch.ones(self.n_knn))
         self.register_buffer("v_mean", torch.zeros(()))
         self.register_buffer("v_std", torch.ones(()))
         if self.spec.kind == "linear":
@@ -151,12 +184,19 @@ class ScoreHead(torch.nn.Module):
 
     # ------------------------------------------------------------------ parts
 
-    def inputs(self, emb: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def inputs(
+        self, emb: torch.Tensor, feats: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The net's input ``[n, d]``; ``exclude``: leave-one-out memory rows for the kNN inputs."""
         x = (emb.float() - self.e_mean) / self.e_std
         if self.n_features:
             if feats is None:
                 raise ValueError("this head fuses cheap prompt features: pass feats")
             x = torch.cat([x, (feats.float().to(x.device) - self.f_mean) / self.f_std], dim=1)
+        if self.n_knn:
+            if self.memory is None:
+                raise ValueError("this head reads kNN inputs but has no memory")
+            x = torch.cat([x, (self.memory.inputs(emb, exclude) - self.m_mean) / self.m_std], dim=1)
         return x
 
     def base(self, emb: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,7 +208,7 @@ class ScoreHead(torch.nn.Module):
 
     def forward(self, emb: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         score = self.base(emb, feats)
-        if self.memory is not None:
+        if self.memory is not None and self.spec.knn.weight != 0:
             score = score + self.spec.knn.weight * self.knn_z(emb)
         return score
 
@@ -228,13 +268,23 @@ class HeadFit:
     history: list[dict[str, Any]]
 
 
-def set_standardization(head: ScoreHead, emb: torch.Tensor, feats: torch.Tensor | None) -> None:
+def set_standardization(
+    head: ScoreHead, emb: torch.Tensor, feats: torch.Tensor | None, exclude: torch.Tensor | None = None
+) -> None:
     with torch.no_grad():
         head.e_mean.copy_(emb.mean(0))
         head.e_std.copy_(emb.std(0).clamp_min(1e-6))
         if head.n_features and feats is not None:
             head.f_mean.copy_(feats.mean(0))
             head.f_std.copy_(feats.std(0).clamp_min(1e-6))
+        if head.n_knn:
+            assert head.memory is not None
+            m = head.memory.inputs(emb, exclude)
+            head.m_mean.copy_(m.mean(0))
+            head.m_std.copy_(m.std(0).clamp_min(1e-6))
+        if head.memory is not None:
+            head.v_mean.copy_(head.memory.values.mean())
+            head.v_std.copy_(head.memory.values.std().clamp_min(1e-6))
 
 
 def fit_head(
@@ -255,6 +305,7 @@ def fit_head(
     dropout: float = 0.0,
     max_steps: int | None = None,
     seed: int = 42,
+    memory: KnnMemory | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> HeadFit:
     """Train the base net of a head (no kNN part) on fixed embeddings; keep the best validation epoch.
@@ -262,16 +313,29 @@ def fit_head(
     ``loss_fn(scores, lengths, generator) -> (loss, n_used)``. ``val`` is
     ``(embeddings, features or None, lengths)``. ``dropout`` applies to the inputs
     while training only (it regularises the 384-dim MLP on ~10k prompts).
+    A ``knn_inputs`` head needs ``memory``, built over ``emb`` in the same row
+    order: each training prompt reads the memory without its own row.
+    A head with a blended kNN part (``knn`` without ``knn_inputs``) comes back
+    without it; :func:`attach_knn` adds it.
     """
     from transformers import get_linear_schedule_with_warmup
 
     base_spec = copy.deepcopy(spec)
-    base_spec.knn = None
+    exclude = None
+    if spec.knn_inputs:
+        if memory is None or memory.rows != len(emb):
+            raise ValueError("a knn_inputs head needs the memory of its training embeddings")
+        base_spec.knn.weight = 0.0  # the net reads the memory; nothing is blended on top
+        exclude = torch.arange(len(emb))
+    else:
+        base_spec.knn = None
+        memory = None
     torch.manual_seed(seed)
-    head = ScoreHead(emb.shape[1], base_spec)
-    set_standardization(head, emb, feats)
-    x = head.inputs(emb, feats).detach()
-    xv = head.inputs(val[0], val[1]).detach() if val is not None else None
+    head = ScoreHead(emb.shape[1], base_spec, memory)
+    set_standardization(head, emb, feats, exclude)
+    with torch.no_grad():
+        x = head.inputs(emb, feats, exclude).detach()
+        xv = head.inputs(val[0], val[1]).detach() if val is not None else None
     opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -317,12 +381,7 @@ def fit_head(
         if step >= total:
             break
     head.net.load_state_dict(best_state)
-    head.eval()
-    final = ScoreHead(emb.shape[1], spec, None) if spec.knn is None else None
-    if final is None:
-        return HeadFit(head, best, history)  # the caller attaches the memory (attach_knn)
-    final.load_state_dict(head.state_dict())
-    return HeadFit(final.eval(), best, history)
+    return HeadFit(head.eval(), best, history)
 
 
 def attach_knn(
@@ -371,4 +430,14 @@ def attach_knn(
     return out.eval(), {"weight_relative": spec_weight, "weight": out.spec.knn.weight, "grid": grid}
 
 
-__all__ = ["HEAD_KINDS", "HeadFit", "HeadSpec", "KnnMemory", "KnnSpec", "ScoreHead", "attach_knn", "fit_head"]
+__all__ = [
+    "HEAD_KINDS",
+    "KNN_INPUTS",
+    "HeadFit",
+    "HeadSpec",
+    "KnnMemory",
+    "KnnSpec",
+    "ScoreHead",
+    "attach_knn",
+    "fit_head",
+]

@@ -72,6 +72,9 @@ def test_knn_leave_one_out_never_uses_the_query_row():
     mem = KnnMemory(keys, values, KnnSpec(k=1, temperature=0.01))
     assert mem.lookup(keys[:1]).item() == pytest.approx(100.0)  # its own row
     assert mem.lookup(keys[:1], exclude=torch.tensor([0])).item() == pytest.approx(1.0)
+    top1_value = -1  # KNN_INPUTS: the nearest row's own value is the last column
+    assert mem.inputs(keys[:1])[0, top1_value].item() == pytest.approx(100.0)
+    assert mem.inputs(keys[:1], exclude=torch.tensor([0]))[0, top1_value].item() == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -134,6 +137,27 @@ def test_attach_knn_picks_a_weight_on_validation():
     with torch.no_grad():
         acc = _acc(head(emb[750:]).numpy(), lengths[750:].numpy())
     assert acc > 0.95
+
+
+def test_knn_inputs_head_reads_the_memory_leave_one_out():
+    # Cluster-valued lengths again; the net learns to trust the neighbour mean (an input here).
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(6, 16, generator=g) * 4
+    cluster_len = torch.tensor([10.0, 400.0, 30.0, 900.0, 60.0, 200.0])
+    ids = torch.randint(0, 6, (900,), generator=g)
+    emb = centers[ids] + torch.randn(900, 16, generator=g) * 0.5
+    lengths = cluster_len[ids]
+    spec = HeadSpec("linear", knn=KnnSpec(k=10, temperature=0.05), knn_inputs=True)
+    memory = KnnMemory(emb[:600], torch.log1p(lengths[:600]), spec.knn)
+    fit = fit_head(spec, emb[:600], lengths[:600], _pairwise, val=(emb[600:750], None, lengths[600:750].numpy()),
+                   val_metric=_acc, epochs=6, batch_size=64, lr=1e-2, memory=memory)
+    head = fit.head
+    assert head.spec.knn.weight == 0.0 and head.n_knn == 7 and head.memory.rows == 600
+    with torch.no_grad():
+        acc = _acc(head(emb[750:]).numpy(), lengths[750:].numpy())
+    assert acc > 0.95
+    with pytest.raises(ValueError, match="memory of its training embeddings"):
+        fit_head(spec, emb[:100], lengths[:100], _pairwise, val=None, val_metric=_acc, memory=memory)
 
 
 # --------------------------------------------------------------------------- ranker folders

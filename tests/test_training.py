@@ -111,7 +111,7 @@ def test_full_mode_updates_encoder_and_keeps_best(samples, init_head):
 def test_head_mode_mlp_features_knn_round_trip(samples, tmp_path):
     # The default recipe's head on the module's cached features: seconds.
     train_s, test_s = samples
-    cfg = TrainConfig(mode="head", head="mlp", head_units=64, features=True, knn=True, knn_k=10, epochs=10)
+    cfg = TrainConfig(mode="head", head="mlp", head_units=64, features=True, knn="blend", knn_k=10, epochs=10)
     result = train(train_s, cfg, progress=False)
     r = result.ranker
     assert r.head_spec.kind == "mlp" and r.head_spec.features and r.head_spec.knn is not None
@@ -147,8 +147,8 @@ def test_recipes_and_flags_merge():
     assert rcfg.truncation == "head_tail" and rcfg.max_prompt_tokens == 128
     cfg, _ = configs_from_args(parser.parse_args([]))
     assert cfg == TrainConfig()
-    cfg, _ = configs_from_args(parser.parse_args(["--recipe", "default", "--no-knn"]))
-    assert cfg.head == "mlp" and cfg.features and not cfg.knn
+    cfg, _ = configs_from_args(parser.parse_args(["--recipe", "default", "--knn", "off"]))
+    assert cfg.mode == "head" and cfg.features and cfg.knn == "off"
     assert set(RECIPES) >= {"fast", "default", "paper", "best"}
     for name in RECIPES:
         configs_from_args(parser.parse_args(["--recipe", name]))[0].resolved()

@@ -14,7 +14,7 @@ import torch
 from pars_fast.losses import LOSSES
 from pars_fast.paths import default_ranker_dir
 from pars_fast.ranker import RankerConfig, RankerLoadError
-from pars_fast.training.config import DELTA_UNITS, FULL_HEAD_LR, MODES, TrainConfig
+from pars_fast.training.config import DELTA_UNITS, FULL_HEAD_LR, KNN_MODES, MODES, TrainConfig
 from pars_fast.training.recipes import RANKER_KEYS, RECIPES, recipe
 from pars_fast.training.trainer import attach_eval_metrics, train
 
@@ -48,8 +48,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-units", type=int, default=None, help=f"mlp head: hidden units (default {d.head_units})")
     parser.add_argument("--features", action=argparse.BooleanOptionalAction, default=None,
                         help="fuse cheap prompt features (length, lexical cues) into the head")
-    parser.add_argument("--knn", action=argparse.BooleanOptionalAction, default=None,
-                        help="blend a kNN memory of the training prompts into the score")
+    parser.add_argument("--knn", choices=KNN_MODES, default=None,
+                        help="kNN memory of the training prompts: off, blend (added to the score) or inputs "
+                        f"(lookups feed the head) (default {d.knn})")
     parser.add_argument("--knn-k", type=int, default=None, help=f"kNN neighbours (default {d.knn_k})")
     parser.add_argument("--knn-temperature", type=float, default=None, help=f"default {d.knn_temperature}")
     parser.add_argument("--backbone", default=None, help="local HF BERT-family folder (default: all-MiniLM-L6-v2)")

@@ -16,6 +16,7 @@ from pars_fast.ranker import Ranker
 
 MODES = ("head", "full")
 DELTA_UNITS = ("tokens", "chars")
+KNN_MODES = ("off", "blend", "inputs")
 # Defaults per mode: (epochs, batch size, lr). Head mode is cheap per epoch, so it
 # runs many; PARS's lr 2e-5 is for the encoder in full mode.
 MODE_DEFAULTS = {"head": (30, 128, 1e-3), "full": (1, 32, 2e-5)}
@@ -49,9 +50,11 @@ class TrainConfig:
     head_units: int = 256
     head_dropout: float = 0.1  # mlp: input dropout while fitting
     features: bool = False  # fuse cheap prompt features (pars_fast.features)
-    knn: bool = False  # blend a kNN memory of the training prompts (weight tuned on validation)
-    knn_k: int = 50
-    knn_temperature: float = 0.05
+    # kNN memory of the training prompts: "off", "blend" (added to the score, weight tuned on
+    # validation) or "inputs" (its lookups are inputs of the head, leave-one-out while fitting).
+    knn: str = "off"
+    knn_k: int = 200  # blend: neighbours and softmax temperature (best on validation, docs/RANKING.md)
+    knn_temperature: float = 0.1
     seed: int = 42
 
     def resolved(self) -> TrainConfig:
@@ -61,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
+        if self.knn not in KNN_MODES:
+            raise ValueError(f"knn must be one of {KNN_MODES}, got {self.knn!r}")
         if self.delta_unit not in DELTA_UNITS:
             raise ValueError(f"delta_unit must be one of {DELTA_UNITS}, got {self.delta_unit!r}")
         epochs, batch, lr = MODE_DEFAULTS[self.mode]
@@ -81,7 +86,7 @@ class TrainConfig:
 
     @property
     def plain_head(self) -> bool:
-        return self.head == "linear" and not self.features and not self.knn
+        return self.head == "linear" and not self.features and self.knn == "off"
 
 
 @dataclass
@@ -128,6 +133,7 @@ def loss_lengths(samples: Sequence[Sample], unit: str) -> np.ndarray:
 
 __all__ = [
     "DELTA_UNITS",
+    "KNN_MODES",
     "MODES",
     "MODE_DEFAULTS",
     "TrainConfig",

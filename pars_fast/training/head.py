@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pars_fast.features import FEATURE_NAMES, cheap_features
-from pars_fast.heads import HeadSpec, KnnSpec, ScoreHead, attach_knn, fit_head
+from pars_fast.heads import HeadSpec, KnnMemory, KnnSpec, ScoreHead, attach_knn, fit_head
 from pars_fast.losses import compute_loss
 from pars_fast.metrics import pairwise_accuracy, ranking_metrics
 from pars_fast.ranker import Ranker
@@ -45,6 +45,8 @@ def head_spec(cfg: TrainConfig) -> HeadSpec:
         units=cfg.head_units,
         features=cfg.features,
         feature_names=list(FEATURE_NAMES) if cfg.features else [],
+        knn=KnnSpec(k=cfg.knn_k, temperature=cfg.knn_temperature) if cfg.knn != "off" else None,
+        knn_inputs=cfg.knn == "inputs",
     )
 
 
@@ -77,7 +79,10 @@ def fit_score_head(
         val_feats = torch.from_numpy(cheap_features(list(val[1]))) if cfg.features else None
         val_t = (val[0], val_feats, val[2])
     metric = val_metric(cfg.delta)
-    if base is not None and spec.is_plain_linear:
+    memory = None
+    if cfg.knn == "inputs":
+        memory = KnnMemory(emb, torch.log1p(token_len.float()), spec.knn)
+    if base is not None and cfg.head == "linear" and not cfg.features and cfg.knn != "inputs":
         head: ScoreHead = ScoreHead.from_linear(base)
         best: dict[str, Any] = {}
         history: list[dict[str, Any]] = []
@@ -87,11 +92,12 @@ def fit_score_head(
             epochs=epochs or 30, batch_size=batch_size or 128, lr=lr or 1e-3, weight_decay=cfg.weight_decay,
             warmup_frac=cfg.warmup_frac, grad_clip=cfg.grad_clip,
             dropout=cfg.head_dropout if cfg.head == "mlp" else 0.0, seed=cfg.seed, max_steps=max_steps,
+            memory=memory,
         )
         head, best, history = fit.head, fit.best, fit.history
         best = {("val_pairwise_accuracy" if k == "val_metric" else k): v for k, v in best.items()}
         history = [{("val_pairwise_accuracy" if k == "val_metric" else k): v for k, v in h.items()} for h in history]
-    if cfg.knn:
+    if cfg.knn == "blend":
         head, info = attach_knn(
             head, KnnSpec(k=cfg.knn_k, temperature=cfg.knn_temperature), emb, token_len,
             val=val_t, val_metric=metric,

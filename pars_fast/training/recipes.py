@@ -23,7 +23,7 @@ from typing import Any
 
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"mode": "head", "head": "linear", "max_train": 6_000},
-    "default": {"mode": "head", "head": "mlp", "features": True, "knn": True},
+    "default": {"mode": "head", "head": "linear", "features": True, "knn": "inputs"},
     "paper": {
         "mode": "full",
         "epochs": 3,
@@ -42,8 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "margin": 1.0,
         "init_head": "probe",
         "head": "linear",
-        "features": True,
-        "knn": True,
+        "knn": "blend",
     },
 }
 

@@ -93,7 +93,7 @@ def train(
             epochs, batch, lr = MODE_DEFAULTS["head"]
             probe = copy.copy(cfg)
             probe.mode, probe.epochs, probe.batch_size, probe.lr, probe.max_steps = "head", epochs, batch, lr, None
-            probe.head, probe.features, probe.knn = "linear", False, False
+            probe.head, probe.features, probe.knn = "linear", False, "off"
             probe_best, _, probe_t = train_head_mode(
                 ranker, probe, train_ids, loss_len, token_len, texts, val_ids, val_texts, val_lengths, loss_kw,
                 **common,
@@ -109,7 +109,7 @@ def train(
             t1 = time.perf_counter()
             emb = encode_features(ranker, train_ids, progress=progress, cache=feature_cache, desc="re-encoding train")
             val_emb = encode_features(ranker, val_ids, progress=progress, cache=feature_cache, desc="re-encoding val")
-            base = ranker.head if cfg.head == "linear" and not cfg.features else None
+            base = ranker.head  # kept as the base when the recipe adds only a blended kNN memory
             _, head_best, _ = fit_score_head(
                 ranker, cfg, emb, loss_len, token_len, texts,
                 (val_emb, val_texts, val_lengths) if val_ids else None, loss_kw, base=base,
