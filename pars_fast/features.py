@@ -7,8 +7,8 @@ better than any learned ranker), whether it asks for a count of words or items,
 whether it carries code, and which verb starts it ("write" vs "what is").
 
 :func:`cheap_features` turns prompts into a float32 matrix ``[n, len(FEATURE_NAMES)]``
-with plain Python string operations and two regular expressions: about 10 µs a
-prompt, nothing next to the encoder. Every feature is already on a log or 0/1
+with plain Python string operations and two regular expressions: about 0.1 ms a
+ShareGPT prompt (measured on the test split), nothing next to the encoder. Every feature is already on a log or 0/1
 scale; heads standardize them with training-set statistics.
 """
 
@@ -39,6 +39,7 @@ _COUNT = re.compile(
     r"(\d{1,3}(?:,\d{3})+|\d{1,6})\s*(?:(?:-|to)\s*\d{1,6}\s*)?-?\s*(words?|paragraphs?|sentences?|lines?|pages?|items?|points?|"
     r"examples?|ideas?|steps?|questions?|tips?|names?|titles?|bullets?|days?|chapters?|slides?)\b"
 )
+_NO_DIGITS = str.maketrans("", "", "0123456789")
 _CODE = re.compile(r"[{};]|\bdef |\bclass |\bimport |\breturn\b|=>|</?\w+>")
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -73,6 +74,7 @@ def _one(text: str) -> list[float]:
     counts = [(int(m.group(1).replace(",", "")), m.group(2)) for m in _COUNT.finditer(lower[:4000])]
     requested = max((c for c, _ in counts), default=0)
     head = lower[:4000]
+    head2k = text[:2000]
     return [
         math.log1p(n_chars),
         math.log1p(len(text.split())),
@@ -81,8 +83,8 @@ def _one(text: str) -> list[float]:
         float(stripped.endswith("?")),
         float("```" in text),
         math.log1p(len(_CODE.findall(text[:20000]))),
-        sum(ord(c) > 127 for c in text[:2000]) / max(1, min(n_chars, 2000)),
-        sum(c.isdigit() for c in text[:2000]) / max(1, min(n_chars, 2000)),
+        (len(head2k) - len(head2k.encode("ascii", "ignore"))) / max(1, len(head2k)),  # non-ASCII share
+        (len(head2k) - len(head2k.translate(_NO_DIGITS))) / max(1, len(head2k)),  # ASCII-digit share
         float(first in _LONG_VERBS),
         float(first in _SHORT_VERBS),
         math.log1p(sum(w in word_set for w in _LONG_VERBS)),
