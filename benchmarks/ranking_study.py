@@ -182,6 +182,20 @@ def main() -> int:
         results_note = f"blend weight {info['weight_relative']} x spread"
         record("own head + kNN", lambda k, h=blended: head_scores(h, k), results_note)
 
+    # ---- kNN lookups as head inputs (leave-one-out while fitting): the default recipe's head
+    from pars_fast.heads import KNN_INPUTS
+
+    for base in ("linear", "mlp256"):
+        spec = HeadSpec("linear" if base == "linear" else "mlp", units=256, features=True,
+                        feature_names=list(FEATURE_NAMES), knn=KnnSpec(k=bk, temperature=bt), knn_inputs=True)
+        t0 = time.perf_counter()
+        fit = fit_head(spec, emb["train"], lt["train"], loss_of("pairwise"), feats=feats["train"],
+                       val=(emb["val"], feats["val"], lengths["val"]), val_metric=val_acc,
+                       dropout=0.1 if spec.kind == "mlp" else 0.0,
+                       memory=KnnMemory(emb["train"], vals, spec.knn))
+        record(f"{base}+features+kNN inputs / pairwise", lambda k, h=fit.head: head_scores(h, k),
+               f"fit {time.perf_counter() - t0:.0f} s; kNN inputs: {', '.join(KNN_INPUTS)}")
+
     # ---- stacking: a pairwise linear blend over [base score, kNN, cheap features], fitted on validation only
     def stack_on_val(base_fn, name):
         cols = lambda k: torch.cat([torch.from_numpy(np.asarray(base_fn(k), dtype=np.float32))[:, None],

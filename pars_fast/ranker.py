@@ -203,7 +203,13 @@ class Ranker:
         device: torch.device | str | None = None,
         seed: int = 42,
     ) -> Ranker:
-        """A new ranker on a local HF BERT-family folder (default: all-MiniLM-L6-v2), untrained head."""
+        """A new ranker on a local HF BERT-family folder (default: all-MiniLM-L6-v2), untrained head.
+
+        ``backbone`` may also be a saved ranker folder (a fine-tuned encoder): its
+        encoder and tokenizer are reused, and its head too when that is a plain
+        ``Linear`` (``metadata["backbone_head"]`` says so), so a new head can be
+        fitted on a fine-tuned encoder without fine-tuning again.
+        """
         from transformers import AutoModel, AutoTokenizer
 
         if backbone is None:
@@ -211,6 +217,12 @@ class Ranker:
 
             backbone = minilm_dir()
         path = Path(backbone)
+        if (path / "ranker.json").is_file():
+            base = cls.load(path, backend="hf", device="cpu")
+            head = base.head if base.score_head is None else torch.nn.Linear(base.hidden_size, 1)
+            meta = {"backbone": str(path), "backbone_head": base.score_head is None}
+            return cls(base.encoder, head, base.tokenizer, config or base.config, metadata=meta, backend=backend,
+                       device=device)
         if not (path / "config.json").is_file():
             raise RankerNotFoundError(f"backbone folder {path} has no config.json (need a local HF model folder)")
         encoder = AutoModel.from_pretrained(str(path))

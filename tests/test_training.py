@@ -125,6 +125,17 @@ def test_head_mode_mlp_features_knn_round_trip(samples, tmp_path):
     assert loaded.metadata["head"]["kind"] == "mlp"
 
 
+def test_head_on_a_saved_rankers_encoder_keeps_its_head_as_the_knn_base(head_result, samples, tmp_path):
+    # The two-stage "best" route: a fine-tuned ranker folder as the backbone, a kNN blend on top.
+    train_s, _ = samples
+    folder = head_result.ranker.save(tmp_path / "base")
+    result = train(train_s, TrainConfig(mode="head", knn="blend", knn_k=10), backbone=folder, progress=False)
+    r = result.ranker
+    assert r.metadata["backbone"] == str(folder) and r.head_spec.knn is not None
+    assert torch.allclose(r.score_head.net.weight, head_result.ranker.head.weight)
+    assert r.config == head_result.ranker.config
+
+
 def test_delta_in_characters_orders_pairs_by_response_characters(samples):
     train_s, _ = samples
     assert all(s.response_chars is not None and s.response_chars >= s.response_len for s in train_s[:50])
@@ -145,8 +156,8 @@ def test_recipes_and_flags_merge():
     cfg, rcfg = configs_from_args(parser.parse_args(["--recipe", "paper", "--epochs", "1", "--truncation", "head_tail"]))
     assert (cfg.mode, cfg.epochs, cfg.batch_size, cfg.lr, cfg.init_head) == ("full", 1, 32, 2e-5, "probe")
     assert rcfg.truncation == "head_tail" and rcfg.max_prompt_tokens == 128
-    cfg, _ = configs_from_args(parser.parse_args([]))
-    assert cfg == TrainConfig()
+    cfg, rcfg = configs_from_args(parser.parse_args([]))
+    assert cfg == TrainConfig() and rcfg is None  # the backbone's own ranker config, or the defaults
     cfg, _ = configs_from_args(parser.parse_args(["--recipe", "default", "--knn", "off"]))
     assert cfg.mode == "head" and cfg.features and cfg.knn == "off"
     assert set(RECIPES) >= {"fast", "default", "paper", "best"}

@@ -53,7 +53,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         f"(lookups feed the head) (default {d.knn})")
     parser.add_argument("--knn-k", type=int, default=None, help=f"kNN neighbours (default {d.knn_k})")
     parser.add_argument("--knn-temperature", type=float, default=None, help=f"default {d.knn_temperature}")
-    parser.add_argument("--backbone", default=None, help="local HF BERT-family folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--backbone", default=None,
+        help="local HF BERT-family folder, or a saved ranker folder to fit a new head on its (fine-tuned) "
+        "encoder (default: all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--pooling", choices=("cls", "mean"), default=None, help=f"default {r.pooling}")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help=f"default {r.max_prompt_tokens}")
     parser.add_argument("--truncation", choices=("head", "head_tail"), default=None, help=f"default {r.truncation}")
@@ -87,8 +91,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result (metrics, timings) as JSON")
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RankerConfig]:
-    """The recipe's settings, overridden by every flag that was given."""
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RankerConfig | None]:
+    """The recipe's settings, overridden by every flag that was given.
+
+    The RankerConfig is ``None`` when neither gives one of its keys: the backbone's
+    own (a saved ranker's) or the defaults.
+    """
     settings: dict[str, Any] = recipe(args.recipe) if args.recipe else {}
     train_keys = {f.name for f in fields(TrainConfig)}
     for key in train_keys | set(RANKER_KEYS):
@@ -96,7 +104,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RankerConf
         if value is not None:
             settings[key] = value
     ranker_kw = {k: settings.pop(k) for k in RANKER_KEYS if k in settings}
-    return TrainConfig(**settings), RankerConfig(**ranker_kw)
+    return TrainConfig(**settings), RankerConfig(**ranker_kw) if ranker_kw else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg, rcfg = configs_from_args(args)
         cfg.resolved()
-        rcfg.validate()
+        if rcfg is not None:
+            rcfg.validate()
         if args.data in ("sharegpt", "sharegpt-all"):
             train_samples, test_samples = sharegpt_split(all_turns=args.data == "sharegpt-all", tokenizer=tokenizer)
             data_name, test_name = f"{args.data}-train", f"{args.data}-test"

@@ -125,6 +125,7 @@ def train_head_mode(
     *,
     progress: bool,
     feature_cache: bool,
+    base: torch.nn.Linear | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     """``head`` mode: embeddings of the frozen encoder (cached), then :func:`fit_score_head`."""
     t0 = time.perf_counter()
@@ -139,7 +140,7 @@ def train_head_mode(
     val = (val_feats, val_texts, val_lengths) if val_feats is not None else None
     _, best, history = fit_score_head(
         ranker, cfg, feats, loss_len, token_len, texts, val, loss_kw,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.max_steps,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.max_steps, base=base,
     )
     return best, history, {"features": round(t_feat, 1), "train": round(time.perf_counter() - t1, 1)}
 

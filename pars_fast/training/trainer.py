@@ -83,8 +83,11 @@ def train(
 
     timings: dict[str, float] = {}
     if cfg.mode == "head":
+        # On a saved (fine-tuned) ranker's encoder, its trained linear head is the base a kNN blend adds to.
+        base = ranker.head if ranker.metadata.get("backbone_head") else None
         best, history, run_t = train_head_mode(
-            ranker, cfg, train_ids, loss_len, token_len, texts, val_ids, val_texts, val_lengths, loss_kw, **common
+            ranker, cfg, train_ids, loss_len, token_len, texts, val_ids, val_texts, val_lengths, loss_kw,
+            base=base, **common,
         )
         timings.update(run_t)
     else:
