@@ -34,6 +34,8 @@ _PARS_FLAGS = {
     "pars_fallback": "fallback",
     "pars_stats_file": "stats_file",
     "pars_backend": "backend",
+    "pars_worker": "worker",
+    "pars_device": "device",
 }
 
 
@@ -52,7 +54,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pars.add_argument("--score-batch-max", type=int, help="most arrivals scored per scheduler step")
     pars.add_argument("--pars-fallback", metavar="JSON", help='e.g. \'{"budget_s": 0.5, "retry_after_s": 30}\'')
     pars.add_argument("--pars-stats-file", metavar="PATH", help="JSON file the engine keeps the PARS counters in")
-    pars.add_argument("--pars-backend", metavar="NAME", help="ranker backend (auto, hf, torch, triton)")
+    pars.add_argument("--pars-backend", metavar="NAME", help="ranker backend (auto, hf, torch, torch-int8, triton)")
+    pars.add_argument("--pars-worker", metavar="MODE", help="where the ranker scores: auto, process, thread, inline")
+    pars.add_argument("--pars-device", metavar="DEVICE", help="ranker device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--dry-run", action="store_true", help="print the equivalent vLLM command line and exit")
     # cli.main calls parse_args(); keep the options we don't know for vLLM's parser.
     parser.parse_args = partial(_parse_passthrough, parser)  # type: ignore[method-assign]

@@ -162,7 +162,7 @@ def test_queues_and_policy_replaced(build):
 
 def test_text_ranker_sees_decoded_truncated_prompts(build, factory, tokenizer):
     """Token ids are decoded with the served tokenizer, cut to what the ranker reads, and scored."""
-    sched = build(pars={"ranker": spec(NumberRanker), "max_prompt_tokens": 8}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "max_prompt_tokens": 8}, max_num_seqs=1)
     numbers = [5, 42, 17, 3, 29, 11]
     filler = " the quick brown fox jumps over the lazy dog" * 6
     reqs = [factory.make(prompt_ids(tokenizer, f"task {n} :{filler}"), 3) for n in numbers]
@@ -182,7 +182,7 @@ def test_text_ranker_sees_decoded_truncated_prompts(build, factory, tokenizer):
 
 
 def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker)}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=1)
     for n in range(10):
         sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 4))
     step(sched)
@@ -199,15 +199,56 @@ def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, toke
     assert_empty(sched)
 
 
-def test_score_batch_max_spreads_a_burst_over_steps(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker), "score_batch_max": 4}, max_num_seqs=1)
+def test_score_batch_max_caps_each_batch(build, factory, tokenizer):
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "score_batch_max": 4}, max_num_seqs=1)
     for n in range(10):
         sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 2))
-    for _ in range(3):
-        step(sched)
-    assert [len(c) for c in NumberRanker.calls] == [4, 4, 2]
+    step(sched)
+    assert [len(c) for c in NumberRanker.calls] == [4, 4, 2]  # no budget: all of them, before the step
     run_until_idle(sched)
     assert sched.pars_stats()["requests_scored"] == 10
+    assert_empty(sched)
+
+
+class TimedRanker:
+    """Takes ``SECONDS_PER_PROMPT`` per prompt."""
+
+    SECONDS_PER_PROMPT = 0.01
+    calls: list[int] = []
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        TimedRanker.calls.append(len(prompts))
+        time.sleep(self.SECONDS_PER_PROMPT * len(prompts))
+        return np.array([_first_number(p) for p in prompts], dtype=np.float32)
+
+
+def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokenizer):
+    """budget_s: each step scores what fits (chunks sized from the measured cost per
+    prompt); the rest wait, unscored, for the next step. Nothing is dropped."""
+    TimedRanker.calls = []
+    budget = 0.1
+    pars = {"ranker": spec(TimedRanker), "worker": "inline", "fallback": {"budget_s": budget}}
+    sched = build(pars=pars, max_num_seqs=1)
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(60)]
+    for r in reqs:
+        sched.add_request(r)
+    step_ranking_s = []
+    results = []
+    while sched.has_requests():
+        before = sum(TimedRanker.calls)
+        start = time.perf_counter()
+        results.append(step(sched))
+        if sum(TimedRanker.calls) > before:
+            step_ranking_s.append(time.perf_counter() - start)
+    assert len(step_ranking_s) >= 4  # spread over several steps
+    # A chunk is sized to fit what is left of the budget, so a step overshoots by at most
+    # one prompt's cost (plus the step's own few milliseconds).
+    assert max(step_ranking_s) <= budget + 2 * TimedRanker.SECONDS_PER_PROMPT + 0.05, step_ranking_s
+    stats = sched.pars_stats()
+    # The last few were admitted with nothing left behind them: no score needed.
+    assert stats["requests_scored"] == sum(TimedRanker.calls) >= 50 and stats["requests_fallback"] == 0
+    assert stats["requests_scored"] + stats["requests_unranked"] == 60
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
     assert_empty(sched)
 
 
@@ -229,8 +270,9 @@ def test_ranker_scores_with_the_configured_threads_and_restores_torch(build, fac
 
     ThreadCountingRanker.seen = []
     before = torch.get_num_threads()
-    sched = build(pars={"ranker": spec(ThreadCountingRanker), "threads": threads}, max_num_seqs=1)
-    sched.add_request(factory.make(prompt_ids(tokenizer, "hello"), 2))
+    sched = build(pars={"ranker": spec(ThreadCountingRanker), "worker": "inline", "threads": threads}, max_num_seqs=1)
+    for text in ("hello", "world"):  # two for one slot: their order matters, so they are scored
+        sched.add_request(factory.make(prompt_ids(tokenizer, text), 2))
     step(sched)
     assert ThreadCountingRanker.seen == [threads]
     assert torch.get_num_threads() == before  # the engine process keeps its own setting
@@ -252,7 +294,7 @@ def test_client_priority_does_not_override_scores(build, factory):
 
 
 def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker)}, max_num_seqs=2)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=2)
     reqs = [factory.make(prompt_ids(tokenizer, f"job {n}"), 3) for n in range(6)]
     for r in reqs:
         sched.add_request(r)
@@ -272,7 +314,7 @@ def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
 
 
 def test_raising_ranker_falls_back_to_fcfs(build, factory, tokenizer, caplog):
-    sched = build(pars={"ranker": spec(RaisingRanker), "fallback": {"retry_after_s": 0}}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "fallback": {"retry_after_s": 0}}, max_num_seqs=1)
     rng = random.Random(1)
     t0 = time.time()
     reqs, results = [], []
@@ -296,7 +338,7 @@ def test_raising_ranker_falls_back_to_fcfs(build, factory, tokenizer, caplog):
 
 
 def test_raising_ranker_serves_in_arrival_order(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(RaisingRanker)}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline"}, max_num_seqs=1)
     t0 = time.time()
     numbers = [50, 3, 20, 7, 90, 1, 33]
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate(numbers)]
@@ -309,7 +351,7 @@ def test_raising_ranker_serves_in_arrival_order(build, factory, tokenizer):
 
 
 def test_nan_scores_fall_back_per_request(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NaNRanker)}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NaNRanker), "worker": "inline"}, max_num_seqs=1)
     texts = ["n 30", "nan 1", "n 10", "n 20", "nan 2"]
     t0 = time.time()
     reqs = [factory.make(prompt_ids(tokenizer, t), 2, arrival_time=t0 + i * 1e-3) for i, t in enumerate(texts)]
@@ -328,7 +370,7 @@ def test_nan_scores_fall_back_per_request(build, factory, tokenizer):
 
 
 def test_wrong_length_output_falls_back(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(ShortRanker)}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(ShortRanker), "worker": "inline"}, max_num_seqs=1)
     t0 = time.time()
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
     for r in reqs:
@@ -339,7 +381,7 @@ def test_wrong_length_output_falls_back(build, factory, tokenizer):
 
 
 def test_over_budget_batch_falls_back_then_ranker_rests(build, factory, tokenizer):
-    pars = {"ranker": spec(SlowRanker), "fallback": {"budget_s": 0.05, "retry_after_s": 600}}
+    pars = {"ranker": spec(SlowRanker), "worker": "inline", "fallback": {"budget_s": 0.05, "retry_after_s": 600}}
     sched = build(pars=pars, max_num_seqs=1)
     t0 = time.time()
     first = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
@@ -352,13 +394,14 @@ def test_over_budget_batch_falls_back_then_ranker_rests(build, factory, tokenize
     results = run_until_idle(sched)
     assert SlowRanker.calls == 1  # the second batch is not sent to a ranker that just failed
     stats = sched.pars_stats()
-    assert stats["fallback_reasons"] == {"over budget": 3, "cool-down": 2}
+    assert stats["fallback_reasons"] == {"over time limit": 3, "cool-down": 2}
     assert [first[0].request_id] + admission_order(results) == [r.request_id for r in first + later]
 
 
 def test_on_error_raise_propagates(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(RaisingRanker), "fallback": {"on_error": "raise"}})
-    sched.add_request(factory.make(prompt_ids(tokenizer, "n 1"), 2))
+    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "fallback": {"on_error": "raise"}}, max_num_seqs=1)
+    for n in (1, 2):
+        sched.add_request(factory.make(prompt_ids(tokenizer, f"n {n}"), 2))
     with pytest.raises(RuntimeError, match="ranker exploded"):
         sched.schedule()
 
@@ -402,10 +445,11 @@ def _check_invariants(sched: Scheduler) -> None:
     "cls,pars,events",
     [
         (PARSScheduler, {"ranker": "oracle", "score_batch_max": 3}, 4000),
-        (PARSScheduler, {"ranker": spec(NumberRanker)}, 2000),
+        (PARSScheduler, {"ranker": spec(NumberRanker), "worker": "inline"}, 2000),
+        (PARSScheduler, {"ranker": spec(NumberRanker), "worker": "thread"}, 2000),
         (PARSAsyncScheduler, {"ranker": "oracle"}, 1500),
     ],
-    ids=["oracle", "text-ranker", "async"],
+    ids=["oracle", "text-ranker", "text-ranker-worker", "async"],
 )
 def test_random_soak_nothing_lost_or_duplicated(tiny_llama_dir, factory, tokenizer, cls, pars, events):
     """Random adds, aborts, external finishes and steps on a small KV cache (so preemption happens)."""
@@ -454,6 +498,7 @@ def test_random_soak_nothing_lost_or_duplicated(tiny_llama_dir, factory, tokeniz
     assert stats["requests_scored"] + stats["requests_fallback"] <= len(added)
     assert stats["requests_fallback"] == 0
     assert_empty(sched)
+    sched.shutdown()
 
 
 def test_aging_bounds_the_wait_of_a_long_request(build, factory):
@@ -509,6 +554,12 @@ def test_async_scheduling_picks_async_variant(build, factory):
         ({"ranker": "no_such_module_xyz:Ranker"}, "cannot import 'no_such_module_xyz'"),
         ({"ranker": f"{__name__}:NoSuchRanker"}, "has no attribute 'NoSuchRanker'"),
         ({"ranker": "oracle", "stats_file": "/tmp/{rank}.json"}, r"only \{pid\} and \{dp_rank\}"),
+        ({"ranker": "oracle", "worker": "gpu"}, r'\["worker"\]: expected one of'),
+        ({"ranker": "oracle", "device": "tpu"}, r'\["device"\]: expected'),
+        ({"ranker": "oracle", "cpus": []}, r'\["cpus"\]: expected'),
+        ({"ranker": "oracle", "cpus": "1-x"}, r'\["cpus"\]: expected'),
+        ({"ranker": "oracle", "nice": 40}, r"niceness in 0..19"),
+        ({"ranker": "oracle", "fallback": {"deadline_s": 0}}, r"deadline_s: expected a number > 0"),
     ],
 )
 def test_bad_config_fails_when_the_scheduler_is_built(build, pars, match):
@@ -530,22 +581,35 @@ def test_config_precedence_and_env_mirror():
     with pytest.raises(PARSConfigError, match="must be an object"):
         PARSConfig.from_sources("oracle", {})  # type: ignore[arg-type]
     assert PARSConfig.from_sources(PARSConfig(ranker="oracle").to_dict(), {}) == PARSConfig(ranker="oracle")
+    assert PARSConfig.from_sources({"cpus": "1,3-4"}, {}).cpus == (1, 3, 4)
+    assert PARSConfig.from_sources({"cpus": [2, 0]}, {}).cpus == (0, 2)
+    # Where scoring runs: model-free rankers inline, text rankers in a worker process.
+    assert PARSConfig(ranker="oracle").worker_mode() == "inline"
+    assert PARSConfig(ranker="prompt-length").worker_mode() == "inline"
+    assert PARSConfig(ranker="default").worker_mode() == "process"
+    assert PARSConfig(ranker="default", worker="thread").worker_mode() == "thread"
 
 
-def test_stats_file_is_written_after_each_batch(build, factory, tmp_path):
+def test_stats_file_tracks_the_counters(build, factory, tmp_path):
     path = tmp_path / "stats" / "pars-{dp_rank}.json"
-    sched = build(pars={"ranker": "oracle", "stats_file": str(path)})
+    written = tmp_path / "stats" / "pars-0.json"
+    sched = build(pars={"ranker": "oracle", "stats_file": str(path)}, max_num_seqs=1)
+    start = json.loads(written.read_text())  # written at start-up
+    assert start["requests_scored"] == 0 and start["ranker"] == "oracle" and start["worker"] == {"mode": "inline"}
     for n in (5, 2, 9):
         sched.add_request(factory.make([1] * 4, n))
+    step(sched)  # within STATS_FILE_INTERVAL_S of the last write: not rewritten yet
+    assert json.loads(written.read_text())["requests_scored"] == 0
+    sched._next_stats_write = 0.0  # as if STATS_FILE_INTERVAL_S had passed
     step(sched)
-    stats = json.loads((tmp_path / "stats" / "pars-0.json").read_text())
-    assert stats["requests_scored"] == 3 and stats["batches"] == 1 and stats["ranker"] == "oracle"
-    # Written right after scoring, before vLLM's step admits them.
-    assert stats["num_waiting"] == 3 and stats["num_running"] == 0 and stats["num_unscored"] == 0
-    run_until_idle(sched)
-    sched.shutdown()
-    final = json.loads((tmp_path / "stats" / "pars-0.json").read_text())
+    mid = json.loads(written.read_text())
+    assert mid["requests_scored"] == 3 and mid["batches"] == 1 and mid["num_running"] == 1
+    sched._next_stats_write = math.inf
+    run_until_idle(sched)  # the last finish rewrites it, interval or not
+    final = json.loads(written.read_text())
     assert final["num_waiting"] == 0 and final["num_running"] == 0 and final["requests_scored"] == 3
+    assert final["time"] > mid["time"]
+    sched.shutdown()
 
 
 # ---------------------------------------------------------------------- pars-fast serve (no server)
@@ -576,7 +640,11 @@ def test_serve_merges_pars_options_into_vllm_args():
     assert argv[argv.index("--scheduler-cls") + 1] == SCHEDULER_CLS
     extra = json.loads(argv[argv.index("--additional-config") + 1])
     assert extra["other"] == 1
-    assert extra["pars"] == {"aging": 0.5, "ranker": "oracle", "fallback": {"budget_s": 2.0, "retry_after_s": 30.0, "on_error": "fcfs"}}
+    assert extra["pars"] == {
+        "aging": 0.5,
+        "ranker": "oracle",
+        "fallback": {"budget_s": 2.0, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
+    }
 
 
 @pytest.mark.parametrize(

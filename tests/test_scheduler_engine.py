@@ -153,7 +153,7 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "pars_fast.cli", "serve",
         "--model", str(tiny_llama_dir), "--ranker", f"{__name__}:DigitRanker", "--pars-stats-file", str(stats_file),
-        "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "2", "--enforce-eager",
+        "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "1", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -170,13 +170,17 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
                         break
             except OSError:
                 time.sleep(1)
-        body = json.dumps({"model": str(tiny_llama_dir), "prompt": "3 little pigs", "max_tokens": 5, "ignore_eos": True})
+        # Three prompts for one slot: two wait, so the ranker (in its worker process) scores them.
+        prompts = ["3 little pigs", "7 dwarfs", "1 ring"]
+        body = json.dumps({"model": str(tiny_llama_dir), "prompt": prompts, "max_tokens": 5, "ignore_eos": True})
         req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             completion = json.loads(resp.read())
-        assert completion["usage"]["completion_tokens"] == 5
-        stats = json.loads(stats_file.read_text())
-        assert stats["requests_scored"] == 1 and stats["ranker"].endswith(":DigitRanker")
+        assert completion["usage"]["completion_tokens"] == 5 * len(prompts)
+        stats = json.loads(stats_file.read_text())  # rewritten when the engine went idle
+        assert stats["ranker"].endswith(":DigitRanker") and stats["worker"]["mode"] == "process"
+        assert stats["requests_scored"] + stats["requests_unranked"] == len(prompts)
+        assert stats["requests_scored"] >= 2 and stats["requests_fallback"] == 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its engine core, which we started
         try:

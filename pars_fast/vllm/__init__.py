@@ -15,7 +15,7 @@ from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
 _LAZY = {
     "PARSScheduler": "pars_fast.vllm.scheduler",
     "PARSAsyncScheduler": "pars_fast.vllm.scheduler",
-    "PARSStats": "pars_fast.vllm.scoring",
+    "ScoringStats": "pars_fast.vllm.scoring",
 }
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "PARSConfig",
     "PARSConfigError",
     "PARSScheduler",
-    "PARSStats",
+    "ScoringStats",
     "check_vllm_version",
 ]
 
@@ -41,4 +41,4 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from pars_fast.vllm.scheduler import PARSAsyncScheduler, PARSScheduler
-    from pars_fast.vllm.scoring import PARSStats
+    from pars_fast.vllm.scoring import ScoringStats

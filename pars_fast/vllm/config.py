@@ -25,6 +25,10 @@ ENV_PREFIX = "PARS_FAST_"
 # Ranker names that are not folders.
 BUILTIN_RANKERS = ("default", "oracle", "prompt-length")
 
+WORKER_MODES = ("auto", "process", "thread", "inline")
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
 # "package.module:attribute" names a ranker object to import (e.g. a stub in tests).
 _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -35,15 +39,19 @@ class PARSConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    """What happens when the ranker cannot order a batch of arrivals.
+    """What happens when the ranker cannot order requests.
 
-    Failed requests keep an FCFS key (see ``PARSScheduler``) and serving goes on.
+    Requests it cannot score keep an FCFS key (see ``PARSScheduler``) and serving goes on.
     """
 
-    # Seconds one batch (decode + score) may take; a slower batch is discarded and its
-    # requests are ordered FCFS. None: no limit. Off by default because the budget that
-    # makes sense depends on the device (a CPU ranker needs ~10 ms a prompt).
+    # Seconds ranking may add to one scheduler step when it runs inline (``worker:
+    # "inline"``): arrivals are scored in chunks sized from the measured cost per prompt,
+    # and what does not fit waits for the next step in FCFS position. None: no limit.
+    # A background worker adds only the microseconds it takes to apply its scores.
     budget_s: float | None = None
+    # Seconds a background worker may go without returning a score while it has work;
+    # then it is declared hung, its requests keep their FCFS keys, and it is restarted.
+    deadline_s: float = 30.0
     # After a failure, skip the ranker for this many seconds (arrivals go FCFS), so a
     # broken or overloaded ranker is not paid for at every step.
     retry_after_s: float = 30.0
@@ -68,11 +76,12 @@ class FallbackConfig:
         budget = value.get("budget_s", cls.budget_s)
         if budget is not None:
             budget = _positive_float(budget, f"{source}.budget_s")
+        deadline = _positive_float(value.get("deadline_s", cls.deadline_s), f"{source}.deadline_s")
         retry = _non_negative_float(value.get("retry_after_s", cls.retry_after_s), f"{source}.retry_after_s")
         on_error = value.get("on_error", cls.on_error)
         if on_error not in ("fcfs", "raise"):
             raise PARSConfigError(f"{source}.on_error: expected 'fcfs' or 'raise', got {on_error!r}")
-        return cls(budget_s=budget, retry_after_s=retry, on_error=on_error)
+        return cls(budget_s=budget, deadline_s=deadline, retry_after_s=retry, on_error=on_error)
 
 
 @dataclass(frozen=True)
@@ -91,15 +100,26 @@ class PARSConfig:
     aging: float = 0.01
     # Prompt tokens the ranker reads; decoding stops there. None: the ranker's own setting.
     max_prompt_tokens: int | None = None
-    # Most new arrivals scored in one scheduler step; the rest wait for the next step
-    # (in FCFS position meanwhile), which bounds the latency one step can add.
-    score_batch_max: int = 256
+    # Most prompts scored in one batch. Scores are applied batch by batch, so a smaller
+    # batch orders a burst sooner; a larger one costs a little less per prompt.
+    score_batch_max: int = 32
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    # Where a text ranker scores: "process" (a child process: no GIL shared with the
+    # engine core, pinned to the CPUs vLLM leaves free), "thread" (in the engine-core
+    # process), "inline" (inside schedule(), under fallback.budget_s), or "auto":
+    # inline for the model-free rankers (oracle, prompt-length), else process.
+    worker: str = "auto"
     # Ranker backend passed to Ranker.load ("auto", "torch", "triton", ...).
     backend: str = "auto"
-    # CPU threads the ranker uses while it scores inside the engine process. The model's
-    # CPU worker already keeps every core busy, and OpenMP threads that share a core
-    # wait on each other, so one thread scores fastest there. None: torch's setting.
+    # Device of a text ranker: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # CPUs the process worker may run on: "auto" (on vLLM's CPU backend, the CPUs it
+    # does not bind model workers to; elsewhere any), or a list of CPU ids.
+    cpus: str | tuple[int, ...] = "auto"
+    # Niceness of the process worker: the engine core's own work goes first.
+    nice: int = 5
+    # CPU threads the ranker scores with. One is fastest next to a busy vLLM process
+    # (OpenMP threads that share a core wait on each other). None: torch's setting.
     threads: int | None = 1
     # JSON file the engine core rewrites with the counters after every scored batch;
     # "{pid}" and "{dp_rank}" are filled in. None: no file.
@@ -155,6 +175,25 @@ class PARSConfig:
             kwargs["score_batch_max"] = _positive_int(*raw["score_batch_max"])
         if "fallback" in raw:
             kwargs["fallback"] = FallbackConfig.parse(*raw["fallback"])
+        if "worker" in raw:
+            value, src = raw["worker"]
+            if value not in WORKER_MODES:
+                raise PARSConfigError(f"{src}: expected one of {list(WORKER_MODES)}, got {value!r}")
+            kwargs["worker"] = value
+        if "device" in raw:
+            value, src = raw["device"]
+            if not isinstance(value, str) or not _DEVICE.match(value):
+                raise PARSConfigError(f"{src}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+            kwargs["device"] = value
+        if "cpus" in raw:
+            kwargs["cpus"] = _cpus(*raw["cpus"])
+        if "nice" in raw:
+            value, src = raw["nice"]
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+                raise PARSConfigError(f"{src}: expected an integer niceness (0-19), got {value!r}")
+            if not 0 <= int(value) <= 19:
+                raise PARSConfigError(f"{src}: expected a niceness in 0..19, got {value!r}")
+            kwargs["nice"] = int(value)
         if "backend" in raw:
             value, src = raw["backend"]
             if not isinstance(value, str) or not value:
@@ -195,9 +234,33 @@ class PARSConfig:
             f"one of {list(BUILTIN_RANKERS)}, or 'package.module:attr'."
         )
 
+    def worker_mode(self) -> str:
+        """Where scoring runs: ``"inline"``, ``"thread"`` or ``"process"`` (``"auto"`` resolved)."""
+        if self.worker != "auto":
+            return self.worker
+        return "inline" if self.ranker in ("oracle", "prompt-length") else "process"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for ``additional_config={"pars": config.to_dict()}``."""
         return asdict(self)
+
+
+def _cpus(value: Any, source: str) -> str | tuple[int, ...]:
+    """ "auto", or CPU ids as a list or a string like "1,3-5"."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        try:
+            ids: list[int] = []
+            for part in value.split(","):
+                lo, _, hi = part.strip().partition("-")
+                ids += range(int(lo), int(hi or lo) + 1)
+            value = ids
+        except ValueError:
+            raise PARSConfigError(f"{source}: expected 'auto', a list of CPU ids or a string like '1,3-5', got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+        raise PARSConfigError(f"{source}: expected 'auto' or a non-empty list of CPU ids, got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 def _positive_int(value: Any, source: str) -> int:

@@ -3,19 +3,29 @@
 How it plugs in (vLLM 0.32; the scheduler interface is not public, so it is pinned):
 
 * ``__init__`` replaces ``self.waiting`` and ``self.kv_holding_waiting`` with
-  ``ScoredRequestQueue`` right after ``Scheduler.__init__``; vLLM's own loop then pops
-  them in key order.
+  ``ScoredRequestQueue`` right after ``Scheduler.__init__``, and starts the scoring
+  worker (:mod:`pars_fast.vllm.worker`), which loads and warms up the ranker.
 * ``add_request`` gives a new request an FCFS key and notes it as unscored. It is in
   the queue from the start, so vLLM's counts and aborts see it like any request.
-* ``schedule`` first scores the unscored arrivals in one batch and re-keys them in the
-  heap (O(log n) each), then runs vLLM's step unchanged.
+* ``schedule`` applies the scores that have come back (re-keying each request in
+  O(log n)), runs vLLM's step unchanged, then hands the worker the unscored requests
+  that are still waiting. It never waits on the ranker.
+* ``_free_request`` (every finish and abort goes through it) forgets the request and
+  cancels its scoring job if one is in flight.
+
+**Score only when order matters.** A request that vLLM admits at once, because nothing
+is queued ahead of it, needs no score: order cannot change when it runs. So the ranker
+only sees requests that are still waiting after a step (plus, in that case, running
+requests without a score, whose score orders preemption). At light load it does
+nothing at all. The model-free rankers (oracle, prompt-length) cost microseconds and
+score every arrival inline, before the step.
 
 The key is ``Request.priority``, an int: ``round((score + aging * (arrival_time - t0))
 * PRIORITY_UNITS_PER_SCORE)``. Aging is folded into the int (not left to the queue),
 so the same number drives vLLM's preemption: ``self.policy`` is set to PRIORITY,
 whose victim is the running request with the largest ``(priority, arrival_time)``,
-i.e. the longest predicted response net of aging. Requests the ranker could not score
-keep the running mean score as theirs, so they keep arrival order among themselves.
+i.e. the longest predicted response net of aging. A request without a score keeps
+the running mean score as its own: it holds its arrival-order place among the scored.
 
 vLLM runs ``AsyncScheduler`` when async scheduling is on; ``PARSScheduler(...)`` then
 builds a ``PARSAsyncScheduler`` (same PARS logic on top of ``AsyncScheduler``), so one
@@ -29,7 +39,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +48,25 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from pars_fast.queue import ScoredRequestQueue
+from pars_fast.vllm.compat import check_vllm_version
 from pars_fast.vllm.config import PARSConfig
-from pars_fast.vllm.scoring import ArrivalScorer, load_scorer
+from pars_fast.vllm.scoring import (
+    GuardedScorer,
+    ScoreJob,
+    ScoringStats,
+    build_scorer,
+    cheap_scorer,
+    decode_tokens,
+    default_ranker_path,
+    max_prompt_tokens,
+    prompt_tokens_read,
+    record_fallback,
+    served_tokenizer,
+)
+from pars_fast.vllm.worker import ScoringWorker
 
 logger = logging.getLogger("pars_fast.vllm")
 
@@ -50,6 +74,23 @@ logger = logging.getLogger("pars_fast.vllm")
 # distinct; small enough that |score| <= 1e9 plus years of aging fit in int64 and in a
 # double's 53-bit mantissa.
 PRIORITY_UNITS_PER_SCORE = 1_000_000
+# Inline scoring under a time budget starts with chunks this small, until it has
+# measured what a prompt costs.
+FIRST_INLINE_CHUNK = 4
+# The stats file is rewritten at most this often while serving (and always when the
+# engine goes idle and at shutdown).
+STATS_FILE_INTERVAL_S = 1.0
+
+
+@dataclass
+class SchedulerCounters:
+    """What the scheduler did with scores (the worker counts what it scored)."""
+
+    requests_unranked: int = 0  # finished without ever needing a score (admitted at once)
+    scores_applied: int = 0  # scores that re-keyed a live request
+    scores_late: int = 0  # scores that came back after their request finished or was aborted
+    rekeyed_waiting: int = 0
+    rekeyed_running: int = 0  # scored after admission: the score orders preemption only
 
 
 class PARSScheduler(Scheduler):
@@ -58,7 +99,7 @@ class PARSScheduler(Scheduler):
     Use it by name: ``--scheduler-cls pars_fast.vllm.PARSScheduler`` (settings in
     ``--additional-config '{"pars": {...}}'``, see ``pars_fast.vllm.config.PARSConfig``).
     Overrides, by vLLM method name: ``__init__``, ``add_request``, ``schedule``,
-    ``shutdown`` (plus ``__new__`` to pick the async variant).
+    ``_free_request``, ``shutdown`` (plus ``__new__`` to pick the async variant).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PARSScheduler:
@@ -70,30 +111,62 @@ class PARSScheduler(Scheduler):
 
     # vLLM: Scheduler.__init__
     def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
-        # Settings and ranker first: a bad config fails before vLLM sets up anything.
-        self.pars_config = PARSConfig.from_vllm_config(vllm_config)
+        # Settings first: a bad config fails before vLLM sets up anything.
+        config = self.pars_config = PARSConfig.from_vllm_config(vllm_config)
         _route_logs_like_vllm()
-        scorer = load_scorer(self.pars_config, vllm_config.model_config)
+        check_vllm_version()  # warns (or, with PARS_FAST_STRICT_VLLM=1, fails) outside the tested range
+        if config.ranker == "default":
+            default_ranker_path()  # fails now, with what to run, if it was never trained
         super().__init__(vllm_config, *args, **kwargs)
         # PARS owns the order of both waiting queues; aging is folded into the priority.
         self.waiting = ScoredRequestQueue()
         self.kv_holding_waiting = ScoredRequestQueue()
         # Preemption victim = max (priority, arrival_time) = longest predicted response.
         self.policy = SchedulingPolicy.PRIORITY
-        self._arrival_scorer = ArrivalScorer(scorer, self.pars_config)
-        self._unscored: deque[Request] = deque()
-        self._aging = self.pars_config.aging
+        self._aging = config.aging
         self._t0 = time.time()  # priorities count aging from here, to keep the ints small
+        self._unscored: dict[str, Request] = {}  # arrival order; not scored, not submitted
+        self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
+        self._num_scores = 0
+        self.counters = SchedulerCounters()
+        self._given_up = ScoringStats()  # requests a hung or dead worker never scored
         self._warned_client_priority = False
-        self._next_log = time.monotonic() + self.pars_config.log_interval_s
-        self._stats_file = _stats_path(self.pars_config.stats_file, vllm_config)
+        self._next_log = time.monotonic() + config.log_interval_s
+        self._stats_file = _stats_path(config.stats_file, vllm_config)
+        self._next_stats_write = 0.0
+
+        # Where scoring runs. Model-free scorers, and "inline", run inside schedule().
+        mode = config.worker_mode()
+        self._guard: GuardedScorer | None = None
+        self._worker: ScoringWorker | None = None
+        self._score_everything = False
+        cheap = cheap_scorer(config)
+        if cheap is not None:
+            self._guard = GuardedScorer(cheap, config.fallback)
+            self._score_everything = True  # microseconds: score every arrival before the step
+            self._decode_tokens = 0
+        else:
+            tokenizer = served_tokenizer(vllm_config.model_config)
+            if mode == "inline":
+                scorer = build_scorer(config, tokenizer)
+                self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=config.fallback.budget_s)
+                scorer.warm_up()
+                self._decode_tokens = decode_tokens(max_prompt_tokens(config, getattr(scorer, "ranker", None)))
+            else:
+                self._decode_tokens = decode_tokens(prompt_tokens_read(config))
+                self._worker = ScoringWorker(config, tokenizer, mode, cpus=_worker_cpus(config, vllm_config))
+                self._worker.start()  # loads and warms up the ranker; a bad one fails here
         logger.info(
-            "%s: ranker=%s aging=%g/s score_batch_max=%d",
+            "%s: ranker=%s scoring=%s aging=%g/s score_batch_max=%d%s",
             type(self).__name__,
-            self.pars_config.ranker,
+            config.ranker,
+            "inline" if self._worker is None else f"{mode} worker (pid {self._worker.info.get('pid')}, "
+            f"cpus {self._worker.info.get('cpus', 'any')}, warm-up {self._worker.info.get('warmup_s', 0):.2f} s)",
             self._aging,
-            self.pars_config.score_batch_max,
+            config.score_batch_max,
+            "" if config.fallback.budget_s is None else f" budget_s={config.fallback.budget_s:g}",
         )
+        self._write_stats()
 
     # vLLM: Scheduler.add_request
     def add_request(self, request: Request) -> None:
@@ -102,20 +175,43 @@ class PARSScheduler(Scheduler):
             if request.priority and not self._warned_client_priority:
                 self._warned_client_priority = True
                 logger.warning("PARS: client request priorities are ignored; the ranker's score sets the order")
-            # FCFS key until scored (and for good if scoring fails): set before vLLM queues it.
-            request.priority = self._priority(self._arrival_scorer.mean_score, request.arrival_time)
+            # FCFS key until scored (and for good if it never is): set before vLLM queues it.
+            request.priority = self._priority(self._mean_score, request.arrival_time)
         super().add_request(request)
         if is_new:
-            self._unscored.append(request)
+            self._unscored[request.request_id] = request
 
     # vLLM: Scheduler.schedule
-    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        if self._unscored:
-            self._score_arrivals()
-        return super().schedule(throttle_prefills)
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        if self._worker is not None:
+            self._collect_scores()
+        elif self._unscored and (self._score_everything or self._queue_outgrows_free_slots()):
+            self._score_inline()
+        output = super().schedule(*args, **kwargs)
+        if self._worker is not None and self._unscored:
+            self._submit_waiting()
+        now = time.monotonic()
+        if self.pars_config.log_interval_s and now >= self._next_log:
+            self._log_stats()
+        if self._stats_file is not None and now >= self._next_stats_write:
+            self._write_stats()
+        return output
+
+    # vLLM: Scheduler._free_request (every finish and abort passes here)
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        if self._unscored.pop(request.request_id, None) is not None:
+            self.counters.requests_unranked += 1
+        elif self._worker is not None:
+            self._worker.cancel((request.request_id,))
+        freed = super()._free_request(request, *args, **kwargs)
+        if not self.requests:  # idle now: the stats file shows the final counts
+            self._write_stats()
+        return freed
 
     # vLLM: Scheduler.shutdown
     def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
         self._write_stats()
         super().shutdown()
 
@@ -123,72 +219,158 @@ class PARSScheduler(Scheduler):
 
     def pars_stats(self) -> dict[str, Any]:
         """Counters (requests scored, fallbacks, scoring seconds, ...) and queue lengths."""
-        num_running, num_waiting = self.get_request_counts()
+        if self._worker is not None:
+            scoring = dict(self._worker.counters.worker_stats)
+            worker: dict[str, Any] = {k: v for k, v in asdict(self._worker.counters).items() if k != "worker_stats"}
+            worker["in_flight"] = self._worker.in_flight
+            worker["mode"] = self._worker.mode
+            worker.update({k: v for k, v in self._worker.info.items() if k in ("pid", "cpus", "warmup_s")})
+        else:
+            scoring = self._guard.stats.to_dict() if self._guard is not None else ScoringStats().to_dict()
+            worker = {"mode": "inline"}
+        given_up = self._given_up
+        if given_up.requests_fallback:
+            scoring["requests_fallback"] += given_up.requests_fallback
+            for reason, n in given_up.fallback_reasons.items():
+                scoring["fallback_reasons"][reason] = scoring["fallback_reasons"].get(reason, 0) + n
+            scoring["last_fallback_reason"] = given_up.last_fallback_reason
+        # Not get_request_counts(): inside a finish, vLLM prunes `running` after freeing.
+        num_running = sum(not r.is_finished() for r in self.running)
+        num_waiting = len(self.waiting) + len(self.kv_holding_waiting)
         return {
-            **self._arrival_scorer.stats.to_dict(),
+            **scoring,
+            **asdict(self.counters),
+            "worker": worker,
             "ranker": self.pars_config.ranker,
             "num_waiting": num_waiting,
             "num_running": num_running,
-            "num_unscored": sum(not r.is_finished() for r in self._unscored),
+            "num_unscored": len(self._unscored),
         }
+
+    def wait_for_scores(self, timeout_s: float = 60.0) -> bool:
+        """Block until the worker has answered every job it holds (tests and benchmarks only;
+        vLLM never calls this). The next ``schedule()`` applies the scores."""
+        return self._worker is None or self._worker.wait_idle(timeout_s)
 
     def _priority(self, score: float, arrival_time: float) -> int:
         return round((score + self._aging * (arrival_time - self._t0)) * PRIORITY_UNITS_PER_SCORE)
 
-    def _score_arrivals(self) -> None:
-        """Score up to ``score_batch_max`` arrivals in one batch and re-key them."""
-        batch: list[Request] = []
-        limit = self.pars_config.score_batch_max
-        while self._unscored and len(batch) < limit:
-            request = self._unscored.popleft()
-            if not request.is_finished():  # aborted while unscored: nothing to do
-                batch.append(request)
-        if not batch:
-            return
+    def _queue_outgrows_free_slots(self) -> bool:
+        """True when this step cannot admit every waiting request, so their order matters."""
+        active_cap = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
+        free = active_cap - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0)
+        return len(self.waiting) + len(self.kv_holding_waiting) > max(0, free)
+
+    def _job(self, request: Request) -> ScoreJob:
+        ids = request.prompt_token_ids
+        return ScoreJob(
+            request_id=request.request_id,
+            prompt_token_ids=None if ids is None else list(ids[: self._decode_tokens]),
+            num_prompt_tokens=request.num_prompt_tokens,
+            max_tokens=request.max_tokens,
+        )
+
+    def _score_inline(self) -> None:
+        """Score unscored requests in this step, within ``fallback.budget_s`` if one is set."""
+        guard = self._guard
+        assert guard is not None
+        pending = list(self._unscored.values())
+        budget = self.pars_config.fallback.budget_s
+        batch_max = self.pars_config.score_batch_max
         start = time.perf_counter()
-        scores = self._arrival_scorer.score(batch)
-        for request, score in zip(batch, scores.tolist()):
-            if math.isnan(score):
-                continue  # keeps its FCFS key
-            priority = self._priority(score, request.arrival_time)
-            if priority == request.priority:
-                continue
-            if request in self.waiting:
-                request.priority = priority
-                self.waiting.update_request(request)
-            elif request in self.kv_holding_waiting:
-                request.priority = priority
-                self.kv_holding_waiting.update_request(request)
-            else:  # already running (admitted while over score_batch_max): still orders preemption
-                request.priority = priority
-        if logger.isEnabledFor(logging.DEBUG):
-            num_running, num_waiting = self.get_request_counts()
-            logger.debug(
-                "PARS: scored %d arrivals in %.2f ms (%d fallback so far); waiting=%d running=%d unscored=%d",
-                len(batch),
-                (time.perf_counter() - start) * 1e3,
-                self._arrival_scorer.stats.requests_fallback,
-                num_waiting,
-                num_running,
-                len(self._unscored),
-            )
-        self._write_stats()
-        if self.pars_config.log_interval_s and time.monotonic() >= self._next_log:
-            self._next_log = time.monotonic() + self.pars_config.log_interval_s
-            s = self._arrival_scorer.stats
-            logger.info(
-                "PARS: scored=%d fallback=%d scoring=%.2fs (decode %.2fs, max batch %.1f ms) waiting=%d",
-                s.requests_scored,
-                s.requests_fallback,
-                s.scoring_seconds,
-                s.decode_seconds,
-                s.max_batch_seconds * 1e3,
-                self.get_request_counts()[1],
-            )
+        i = 0
+        while i < len(pending) and not guard.resting():
+            n = batch_max
+            if budget is not None and not self._score_everything:
+                remaining = budget - (time.perf_counter() - start)
+                if remaining <= 0:
+                    break  # the rest wait for the next step, in FCFS position
+                per_job = guard.seconds_per_job
+                n = min(batch_max, FIRST_INLINE_CHUNK if per_job == 0 else max(1, int(remaining / per_job)))
+            chunk = pending[i : i + n]
+            i += len(chunk)
+            scores = guard.score([self._job(r) for r in chunk])
+            for request, score in zip(chunk, scores.tolist()):
+                del self._unscored[request.request_id]
+                self._apply(request, score)
+        if guard.resting():  # a failure paused the ranker: the rest keep FCFS keys for good
+            rest = [r for r in pending[i:] if r.request_id in self._unscored]
+            for r in rest:
+                del self._unscored[r.request_id]
+            if rest:
+                guard.score([self._job(r) for r in rest])  # counts them as cool-down fallbacks
+
+    def _submit_waiting(self) -> None:
+        """Hand the worker every unscored request that is still waiting after this step.
+
+        Running requests without a score go along (after them) once anything waits,
+        because then a preemption may have to choose among them.
+        """
+        waiting, running = [], []
+        for request in self._unscored.values():
+            if request.status == RequestStatus.RUNNING:
+                running.append(request)
+            else:
+                waiting.append(request)
+        if not waiting:
+            return
+        batch = waiting + running
+        if self._worker.submit([self._job(r) for r in batch]):
+            for request in batch:
+                del self._unscored[request.request_id]
+
+    def _collect_scores(self) -> None:
+        results, given_up = self._worker.poll()
+        for request_id, score in results:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                self.counters.scores_late += 1
+            else:
+                self._apply(request, score)
+        if given_up:
+            record_fallback(self._given_up, len(given_up), "worker lost", "the worker hung or died with these in flight")
+
+    def _apply(self, request: Request, score: float) -> None:
+        """Re-key ``request`` by its score (NaN: it keeps its FCFS key)."""
+        if math.isnan(score):
+            return
+        self._num_scores += 1
+        self._mean_score += (score - self._mean_score) / self._num_scores
+        self.counters.scores_applied += 1
+        priority = self._priority(score, request.arrival_time)
+        if priority == request.priority:
+            return
+        request.priority = priority
+        if request in self.waiting:
+            self.waiting.update_request(request)
+            self.counters.rekeyed_waiting += 1
+        elif request in self.kv_holding_waiting:
+            self.kv_holding_waiting.update_request(request)
+            self.counters.rekeyed_waiting += 1
+        else:  # running: admitted before its score came; the score still orders preemption
+            self.counters.rekeyed_running += 1
+
+    def _log_stats(self) -> None:
+        self._next_log = time.monotonic() + self.pars_config.log_interval_s
+        s = self.pars_stats()
+        logger.info(
+            "PARS: scored=%d fallback=%d unranked=%d late=%d scoring=%.2fs (decode %.2fs, max batch %.1f ms) "
+            "waiting=%d in_flight=%s",
+            s["requests_scored"],
+            s["requests_fallback"],
+            s["requests_unranked"],
+            s["scores_late"],
+            s["scoring_seconds"],
+            s["decode_seconds"],
+            s["max_batch_seconds"] * 1e3,
+            s["num_waiting"],
+            s["worker"].get("in_flight", 0),
+        )
 
     def _write_stats(self) -> None:
         if self._stats_file is None:
             return
+        self._next_stats_write = time.monotonic() + STATS_FILE_INTERVAL_S
         try:
             tmp = self._stats_file.with_name(f".{self._stats_file.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**self.pars_stats(), "time": time.time()}, indent=1) + "\n")
@@ -205,6 +387,27 @@ class PARSAsyncScheduler(PARSScheduler, AsyncScheduler):
         super().__init__(vllm_config, *args, **kwargs)
         if not vllm_config.scheduler_config.async_scheduling:
             logger.warning("PARSAsyncScheduler used with async scheduling off; use PARSScheduler, which picks the base")
+
+
+def _worker_cpus(config: PARSConfig, vllm_config: VllmConfig) -> list[int] | None:
+    """CPUs for a process worker: the configured ones, or on vLLM's CPU backend those it
+    leaves to the engine core (it pins each model worker's OpenMP threads to its own cores)."""
+    if config.cpus != "auto":
+        return list(config.cpus)
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+        manager = OMPProcessManager(vllm_config)
+        bound = {cpu for cpus in getattr(manager, "cpu_lists", []) for cpu in cpus}
+    except Exception as exc:  # an internal vLLM helper: if it moves, run unpinned
+        logger.debug("PARS: cannot read vLLM's CPU binding (%s); the scoring worker runs unpinned", exc)
+        return None
+    free = sorted(set(os.sched_getaffinity(0)) - bound)
+    return free or None
 
 
 def _stats_path(template: str | None, vllm_config: VllmConfig) -> Path | None:

@@ -1,16 +1,25 @@
-"""Scoring new arrivals inside vLLM's engine core, with a fallback to FCFS.
+"""What a score is made of: scorers, and the guard that turns their failures into FCFS.
 
-The engine core only sees token ids, so a text ranker gets prompts decoded with the
-served model's own tokenizer, cut to the tokens the ranker reads. ``ArrivalScorer``
-scores one batch per scheduler step and turns every failure (an exception, a wrong
-number of scores, NaN, a batch over the time budget) into "no score" for the requests
-concerned, which the scheduler then keeps in FCFS position. Counters live in
-``PARSStats``.
+The scheduler never hands vLLM ``Request`` objects to a scorer. It hands it
+:class:`ScoreJob` s: plain, picklable records (request id, the prompt's first token
+ids, prompt length, ``max_tokens``), so the same scorer runs inline in ``schedule()``,
+in a thread, or in a separate process (:mod:`pars_fast.vllm.worker`).
+
+* :class:`OracleScorer` (``max_tokens`` is the true length: oracle SJF for benchmarks)
+  and :class:`PromptLengthScorer` (baseline) cost microseconds.
+* :class:`TextRankerScorer` decodes the token ids with the *served* model's tokenizer
+  (the engine core has no prompt text), cut to what the ranker reads, and scores the
+  texts with a ranker (``.score(list[str])``).
+* :class:`GuardedScorer` runs any of them and turns every failure (an exception, a
+  wrong number of scores, NaN/inf, a batch over its time limit) into NaN, which the
+  scheduler reads as "keep this request's FCFS key". Its counters are
+  :class:`ScoringStats`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import time
@@ -21,11 +30,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pars_fast.vllm.config import PARSConfig, PARSConfigError
+from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig
-    from vllm.v1.request import Request
 
 logger = logging.getLogger("pars_fast.vllm")
 
@@ -39,13 +47,27 @@ DEFAULT_MAX_PROMPT_TOKENS = 128
 SCORE_LIMIT = 1e9
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """One request to score, as plain data (picklable; no vLLM objects)."""
+
+    request_id: str
+    # The prompt's first token ids, cut to what the ranker reads (None: a prompt-embeds request).
+    prompt_token_ids: list[int] | None
+    num_prompt_tokens: int
+    max_tokens: int | None = None
+
+
 class Scorer(Protocol):
-    """Scores requests: higher = longer expected response. NaN = cannot score this one."""
+    """Scores jobs: higher = longer expected response. NaN = cannot score this one."""
 
     name: str
+    # True when scoring costs microseconds (no model): the scheduler scores such
+    # requests inline, before every step, instead of through a worker.
+    cheap: bool
 
-    def score_requests(self, requests: Sequence[Request]) -> tuple[np.ndarray, float]:
-        """Scores (any array-like of len(requests)) and seconds spent decoding prompts."""
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[Any, float]:
+        """Scores (array-like of len(jobs)) and the seconds spent decoding prompts."""
         ...
 
 
@@ -53,52 +75,63 @@ class OracleScorer:
     """Oracle SJF for benchmarks: each request's ``max_tokens`` is its true length."""
 
     name = "oracle"
+    cheap = True
 
-    def score_requests(self, requests: Sequence[Request]) -> tuple[np.ndarray, float]:
-        return np.fromiter((r.max_tokens for r in requests), dtype=np.float64, count=len(requests)), 0.0
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[np.ndarray, float]:
+        return np.array([math.nan if j.max_tokens is None else j.max_tokens for j in jobs], dtype=np.float64), 0.0
 
 
 class PromptLengthScorer:
-    """Baseline: a longer prompt predicts a longer response (Kendall tau ~0.16 on ShareGPT)."""
+    """Baseline: a longer prompt predicts a longer response (Kendall tau ~0.1 on ShareGPT)."""
 
     name = "prompt-length"
+    cheap = True
 
-    def score_requests(self, requests: Sequence[Request]) -> tuple[np.ndarray, float]:
-        return np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.float64, count=len(requests)), 0.0
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[np.ndarray, float]:
+        return np.fromiter((j.num_prompt_tokens for j in jobs), dtype=np.float64, count=len(jobs)), 0.0
 
 
 class TextRankerScorer:
     """A text ranker (``.score(list[str])``) fed with prompts decoded by the served tokenizer."""
 
-    def __init__(
-        self, ranker: Any, tokenizer: Any, max_prompt_tokens: int, name: str, threads: int | None = None
-    ) -> None:
+    cheap = False
+
+    def __init__(self, ranker: Any, tokenizer: Any, name: str, threads: int | None = None) -> None:
         self.ranker = ranker
-        self.threads = threads  # torch intra-op threads while scoring; None: leave torch's setting
         self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-        self.decode_tokens = math.ceil(max_prompt_tokens * DECODE_SLACK)
+        self.threads = threads  # torch intra-op threads while scoring; None: leave torch's setting
         self.name = name
 
-    def decode(self, requests: Sequence[Request]) -> list[str | None]:
-        """Prompt text of each request, cut to what the ranker reads; None without token ids."""
-        n = self.decode_tokens
-        ids = [r.prompt_token_ids[:n] for r in requests if r.prompt_token_ids is not None]
+    def decode(self, jobs: Sequence[ScoreJob]) -> list[str | None]:
+        """Prompt text of each job; None for jobs without token ids."""
+        ids = [j.prompt_token_ids for j in jobs if j.prompt_token_ids is not None]
         texts = iter(_batch_decode(self.tokenizer, ids) if ids else [])
-        return [next(texts) if r.prompt_token_ids is not None else None for r in requests]
+        return [next(texts) if j.prompt_token_ids is not None else None for j in jobs]
 
-    def score_requests(self, requests: Sequence[Request]) -> tuple[np.ndarray, float]:
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        texts = self.decode(requests)
+        texts = self.decode(jobs)
         decode_s = time.perf_counter() - start
         known = [t for t in texts if t is not None]
         if len(known) == len(texts):
             return self._score(known), decode_s
         # Prompt-embeds requests carry no token ids: they get NaN (FCFS), the rest a score.
-        scores = _as_scores(self._score(known), len(known)) if known else np.empty(0)
+        scores = as_scores(self._score(known), len(known)) if known else np.empty(0)
         out = np.full(len(texts), np.nan)
         out[[i for i, t in enumerate(texts) if t is not None]] = scores
         return out, decode_s
+
+    def warm_up(self) -> None:
+        """Score a few prompts of different lengths, so one-off costs (Triton autotuning,
+        allocator growth) are paid at start-up, not in the first batches that matter.
+        Only pars_fast rankers: a user's ranker object is scored by traffic alone."""
+        from pars_fast.ranker import Ranker
+
+        if not isinstance(self.ranker, Ranker):
+            return
+        words = "the quick brown fox jumps over the lazy dog ".split()
+        prompts = [" ".join(words * k) for k in (1, 4, 16, 64)]
+        self._score(prompts)
 
     def _score(self, texts: list[str]) -> Any:
         from pars_fast.encoder import torch_threads
@@ -117,7 +150,8 @@ class ScoreError(RuntimeError):
     """The ranker's output cannot be used (wrong shape or length)."""
 
 
-def _as_scores(raw: Any, n: int) -> np.ndarray:
+def as_scores(raw: Any, n: int) -> np.ndarray:
+    """``raw`` as a float64 vector of length ``n``, or :class:`ScoreError`."""
     try:
         scores = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -132,39 +166,93 @@ def _as_scores(raw: Any, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------- loading
 
 
-def load_scorer(config: PARSConfig, model_config: ModelConfig | None) -> Scorer:
-    """Build the scorer named by ``config.ranker``; every error here is a start-up error."""
-    kind = config.ranker_kind()
+def max_prompt_tokens(config: PARSConfig, ranker: Any = None) -> int:
+    """Prompt tokens the ranker reads: the config's, else the ranker's own, else 128."""
+    if config.max_prompt_tokens:
+        return config.max_prompt_tokens
+    value = getattr(getattr(ranker, "config", None), "max_prompt_tokens", None)
+    value = value or getattr(ranker, "max_prompt_tokens", None)
+    return int(value) if value else DEFAULT_MAX_PROMPT_TOKENS
+
+
+def prompt_tokens_read(config: PARSConfig) -> int:
+    """Prompt tokens the configured ranker reads, found without loading it (for the engine core)."""
+    if config.max_prompt_tokens:
+        return config.max_prompt_tokens
+    folder: Path | None = None
+    if config.ranker == "default":
+        folder = default_ranker_path()
+    elif config.ranker_kind() == "folder":
+        folder = Path(config.ranker).expanduser()
+    if folder is not None:
+        try:
+            return int(json.loads((folder / "ranker.json").read_text())["config"]["max_prompt_tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return DEFAULT_MAX_PROMPT_TOKENS  # the worker's Ranker.load will say what is wrong
+    if config.ranker_kind() == "import":  # a class or object: read its attribute, build nothing
+        module_name, _, attr = config.ranker.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            return DEFAULT_MAX_PROMPT_TOKENS
+        return max_prompt_tokens(config, obj)
+    return DEFAULT_MAX_PROMPT_TOKENS
+
+
+def decode_tokens(max_prompt: int) -> int:
+    """Served-model tokens to send for a ranker that reads ``max_prompt`` tokens."""
+    return math.ceil(max_prompt * DECODE_SLACK)
+
+
+def cheap_scorer(config: PARSConfig) -> Scorer | None:
+    """The built-in model-free scorers; None for a text ranker."""
     if config.ranker == "oracle":
         return OracleScorer()
     if config.ranker == "prompt-length":
         return PromptLengthScorer()
-    if config.ranker == "default":
-        ranker = _load_default_ranker(config.backend)
-    elif kind == "folder":
-        from pars_fast.ranker import Ranker
-
-        ranker = Ranker.load(Path(config.ranker).expanduser(), backend=config.backend)
-    else:
-        ranker = _import_ranker(config.ranker)
-    max_tokens = config.max_prompt_tokens or _ranker_max_prompt_tokens(ranker)
-    tokenizer = served_tokenizer(model_config)
-    return TextRankerScorer(ranker, tokenizer, max_tokens, name=config.ranker, threads=config.threads)
+    return None
 
 
-def _load_default_ranker(backend: str) -> Any:
+def build_scorer(config: PARSConfig, tokenizer: Any) -> Scorer:
+    """The scorer named by ``config.ranker``, loaded where it will run (every error is a start-up error)."""
+    cheap = cheap_scorer(config)
+    if cheap is not None:
+        return cheap
+    ranker = load_ranker(config)
+    return TextRankerScorer(ranker, tokenizer, name=config.ranker, threads=config.threads)
+
+
+def load_ranker(config: PARSConfig) -> Any:
+    """The text ranker of ``config``: a ranker folder, the default ranker, or ``pkg.module:attr``."""
+    kind = config.ranker_kind()
+    if config.ranker == "default" or kind == "folder":
+        from pars_fast.ranker import Ranker, RankerLoadError
+
+        path = default_ranker_path() if config.ranker == "default" else Path(config.ranker).expanduser()
+        try:
+            return Ranker.load(path, backend=config.backend, device=None if config.device == "auto" else config.device)
+        except RankerLoadError as exc:
+            raise PARSConfigError(f"PARS: {exc}") from exc
+    return _import_ranker(config.ranker)
+
+
+def default_ranker_path() -> Path:
+    """The default ranker's folder; raises a clear error if it has not been trained.
+
+    It is never trained inside the engine: that would hold the engine's start-up for
+    minutes (against vLLM's ready timeout) and print nothing useful.
+    """
     from pars_fast.paths import default_ranker_dir
-    from pars_fast.ranker import Ranker, RankerLoadError
 
-    try:
-        return Ranker.load(default_ranker_dir(), backend=backend)
-    except RankerLoadError:  # missing or unreadable: (re)train it, as ensure_default_ranker does
-        pass
-    logger.warning("PARS: no default ranker at %s yet; training it now (one-off, minutes on a CPU)", default_ranker_dir())
-    from pars_fast.training import ensure_default_ranker
-
-    ensure_default_ranker()
-    return Ranker.load(default_ranker_dir(), backend=backend)
+    path = default_ranker_dir()
+    if not (path / "ranker.json").is_file():
+        raise PARSConfigError(
+            f"PARS: no default ranker at {path}. Train it first with `pars-fast train` (a few minutes on "
+            "2 CPU cores), or start the server with `pars-fast serve`, which trains it before the engine starts."
+        )
+    return path
 
 
 def _import_ranker(spec: str) -> Any:
@@ -182,12 +270,6 @@ def _import_ranker(spec: str) -> Any:
     if not callable(getattr(obj, "score", None)):
         raise PARSConfigError(f"PARS ranker {spec!r} gives {type(obj).__name__}, which has no score(list[str]) method")
     return obj
-
-
-def _ranker_max_prompt_tokens(ranker: Any) -> int:
-    value = getattr(getattr(ranker, "config", None), "max_prompt_tokens", None)
-    value = value or getattr(ranker, "max_prompt_tokens", None)
-    return int(value) if value else DEFAULT_MAX_PROMPT_TOKENS
 
 
 def served_tokenizer(model_config: ModelConfig | None) -> Any:
@@ -213,17 +295,17 @@ def served_tokenizer(model_config: ModelConfig | None) -> Any:
     return tokenizer
 
 
-# ---------------------------------------------------------------------- batch scoring + fallback
+# ---------------------------------------------------------------------- guarded batch scoring
 
 
 @dataclass
-class PARSStats:
-    """Counters of one scheduler (one engine core). Seconds are wall-clock, summed."""
+class ScoringStats:
+    """Counters of one scorer. Seconds are wall-clock, summed."""
 
-    requests_scored: int = 0  # got a ranker score
-    requests_fallback: int = 0  # ordered FCFS instead (see fallback_reasons)
-    batches: int = 0  # scoring steps that had arrivals
-    failed_batches: int = 0  # batches with no usable scores (error, budget, cool-down)
+    requests_scored: int = 0  # got a usable score
+    requests_fallback: int = 0  # kept their FCFS key instead (see fallback_reasons)
+    batches: int = 0  # batches handed to the scorer
+    failed_batches: int = 0  # batches with no usable scores (error, time limit, cool-down)
     scoring_seconds: float = 0.0  # decode + score, all batches
     decode_seconds: float = 0.0  # of which decoding token ids to text
     max_batch_seconds: float = 0.0
@@ -234,30 +316,46 @@ class PARSStats:
         return asdict(self)
 
 
-class ArrivalScorer:
-    """Scores batches of new arrivals; failures become NaN (= FCFS) and are counted."""
+class GuardedScorer:
+    """Scores batches; failures become NaN (= FCFS) and are counted, never raised
+    (unless ``fallback.on_error == "raise"``).
 
-    def __init__(self, scorer: Scorer, config: PARSConfig, clock: Callable[[], float] = time.perf_counter) -> None:
+    ``time_limit_s``: a batch that takes longer is discarded (its requests go FCFS) and
+    the scorer rests for ``fallback.retry_after_s``: a ranker that slow is doing harm.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        fallback: FallbackConfig,
+        time_limit_s: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.scorer = scorer
-        self.fallback = config.fallback
+        self.fallback = fallback
+        self.time_limit_s = time_limit_s
         self.clock = clock
-        self.stats = PARSStats()
-        self.mean_score = 0.0  # running mean of finite scores: where unscored requests queue
-        self._num_scores = 0
+        self.stats = ScoringStats()
         self._retry_at = -math.inf
         self._warned: set[str] = set()
+        self.seconds_per_job = 0.0  # running estimate, to size inline chunks under a budget
 
-    def score(self, requests: Sequence[Request]) -> np.ndarray:
-        """Finite score per request, or NaN for the ones to keep in FCFS position."""
-        n = len(requests)
+    def resting(self) -> bool:
+        return self.clock() < self._retry_at
+
+    def score(self, jobs: Sequence[ScoreJob]) -> np.ndarray:
+        """Finite score per job, or NaN for the ones to keep in FCFS position."""
+        n = len(jobs)
+        if n == 0:
+            return np.empty(0)
         stats = self.stats
         stats.batches += 1
         start = self.clock()
         if start < self._retry_at:
             return self._fail(n, "cool-down", "ranker paused after a failure", warn=False)
         try:
-            raw, decode_s = self.scorer.score_requests(requests)
-            scores = _as_scores(raw, n)
+            raw, decode_s = self.scorer.score_jobs(jobs)
+            scores = as_scores(raw, n)
         except Exception as exc:
             if self.fallback.on_error == "raise":
                 raise
@@ -269,12 +367,14 @@ class ArrivalScorer:
         stats.scoring_seconds += elapsed
         stats.decode_seconds += decode_s
         stats.max_batch_seconds = max(stats.max_batch_seconds, elapsed)
-        budget = self.fallback.budget_s
-        if budget is not None and elapsed > budget:
+        per_job = elapsed / n
+        self.seconds_per_job = per_job if self.seconds_per_job == 0 else 0.8 * self.seconds_per_job + 0.2 * per_job
+        limit = self.time_limit_s
+        if limit is not None and elapsed > limit:
             if self.fallback.on_error == "raise":
-                raise TimeoutError(f"PARS: scoring {n} prompts took {elapsed:.3f} s, over the {budget} s budget")
+                raise TimeoutError(f"PARS: scoring {n} prompts took {elapsed:.3f} s, over the {limit} s limit")
             self._retry_at = self.clock() + self.fallback.retry_after_s
-            return self._fail(n, "over budget", f"{n} prompts took {elapsed:.3f} s > budget_s={budget}")
+            return self._fail(n, "over time limit", f"{n} prompts took {elapsed:.3f} s > {limit} s")
         finite = np.isfinite(scores)
         num_bad = n - int(finite.sum())
         if num_bad:
@@ -282,20 +382,11 @@ class ArrivalScorer:
                 raise ScoreError(f"PARS: ranker returned {num_bad} non-finite score(s) for {n} prompts")
             self._fail(num_bad, "non-finite", f"{num_bad} of {n} scores were NaN/inf", failed_batch=False)
             scores = np.where(finite, scores, np.nan)  # +-inf too: no order can be read from it
-        scores = np.clip(scores, -SCORE_LIMIT, SCORE_LIMIT)  # NaN stays NaN
-        good = scores[finite]
-        if good.size:
-            self._num_scores += good.size
-            self.mean_score += (float(good.sum()) - good.size * self.mean_score) / self._num_scores
-            stats.requests_scored += int(good.size)
-        return scores
+        stats.requests_scored += n - num_bad
+        return np.clip(scores, -SCORE_LIMIT, SCORE_LIMIT)  # NaN stays NaN
 
     def _fail(self, n: int, reason: str, detail: str, warn: bool = True, failed_batch: bool = True) -> np.ndarray:
-        stats = self.stats
-        stats.requests_fallback += n
-        stats.failed_batches += int(failed_batch)
-        stats.fallback_reasons[reason] = stats.fallback_reasons.get(reason, 0) + n
-        stats.last_fallback_reason = f"{reason}: {detail}"
+        record_fallback(self.stats, n, reason, detail, failed_batch)
         if warn and reason not in self._warned:  # once per kind, the counters keep the rest
             self._warned.add(reason)
             retry = f"; retrying the ranker after {self.fallback.retry_after_s:g} s" if failed_batch else ""
@@ -303,3 +394,10 @@ class ArrivalScorer:
         else:
             logger.debug("PARS: FCFS fallback for %d request(s) (%s: %s)", n, reason, detail)
         return np.full(n, np.nan)
+
+
+def record_fallback(stats: ScoringStats, n: int, reason: str, detail: str, failed_batch: bool = False) -> None:
+    stats.requests_fallback += n
+    stats.failed_batches += int(failed_batch)
+    stats.fallback_reasons[reason] = stats.fallback_reasons.get(reason, 0) + n
+    stats.last_fallback_reason = f"{reason}: {detail}"
