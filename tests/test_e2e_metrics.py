@@ -10,7 +10,7 @@ import pytest
 
 from pars_fast.data import Sample
 from pars_fast.e2e.benchmark import BenchConfig, client_priorities, comparisons
-from pars_fast.e2e.metrics import SUMMARY_KEYS, MetricsError, RequestTiming, percentile, ratio, summarize
+from pars_fast.e2e.metrics import SUMMARY_KEYS, MetricsError, RequestTiming, percentile, ratio, saturated_tps, summarize
 from pars_fast.e2e.report import markdown_report, markdown_table, ratio_table, write_report
 from pars_fast.e2e.workload import WorkloadError, arrival_offsets, build_workload, load_name, parse_load
 
@@ -34,9 +34,30 @@ HAND = [
 ]
 
 
+# A burst of four on two slots, one token a second after each first token:
+#   idx first finish tokens
+#   0   1     11     11     finishes at 11: from then on, fewer than 2 remain (the tail)
+#   1   1     6      6
+#   2   6     10     5
+#   3   10    14     5      2 of its tokens fall in the saturated window [0, 11]
+BURST = [_t(0, 0.0, 1.0, 11.0, 11), _t(1, 0.0, 1.0, 6.0, 6), _t(2, 0.0, 6.0, 10.0, 5), _t(3, 0.0, 10.0, 14.0, 5)]
+
+
+def test_saturated_throughput_excludes_the_tail_of_a_burst():
+    assert saturated_tps(BURST, slots=2) == pytest.approx((11 + 6 + 5 + 2) / 11)
+    assert saturated_tps(BURST, slots=1) == pytest.approx(27 / 14)  # one slot: busy to the end
+    assert saturated_tps(BURST[:1], slots=2) is None  # never saturated
+    assert summarize(BURST)["itl_mean"] == pytest.approx(1.0)
+    assert summarize(BURST)["throughput_tps"] == pytest.approx(27 / 14)  # the tail lowers the plain rate
+    with pytest.raises(MetricsError, match="slots"):
+        saturated_tps(BURST, slots=0)
+
+
 def test_summary_matches_hand_computed_values():
     s = summarize(HAND, scoring_s_per_request=0.002)
     assert list(s) == list(SUMMARY_KEYS)
+    # ITL: (2 - 0.5) / 3, (5 - 1) / 9, (9 - 4) / 1
+    assert s["itl_mean"] == pytest.approx((1.5 / 3 + 4 / 9 + 5.0) / 3)
     assert s["n"] == 3 and s["output_tokens"] == 16
     assert s["latency_mean"] == pytest.approx(5.0)
     # numpy's linear interpolation: sorted [2, 5, 8]; P90 at rank 1.8 -> 5 + 0.8 * 3.

@@ -3,10 +3,13 @@
 ``run_benchmark(BenchConfig(...))`` draws the request stream, resolves the ranker,
 and runs every policy on the *same* stream, each on its own engine in its own
 process (``pars_fast.e2e.runner.PolicyEngine``). The engine's capacity is measured
-first, from the FCFS burst (requests completed per second with the whole stream
-queued), and each Poisson load is a multiple of it. By default on a CPU all engines
-start together and the policies take turns level by level (see ``BenchConfig.schedule``),
-so a noisy neighbour slows every policy alike. The result (a dict, also written as
+first, from the bursts (the whole stream queued at once): the median over the policies
+of the tokens per second served while every slot was busy (``saturated_tps``: the
+burst's tail of half-empty batches excluded), divided by the mean response length.
+Each Poisson load is a multiple of it. By default on a CPU all engines start together
+and the policies take turns level by level, in an order that rotates from level to
+level (see ``BenchConfig.schedule``), so a noisy neighbour slows every policy alike and
+no policy always runs right after the same other one. The result (a dict, also written as
 results.json) holds every request's timings and a summary per policy and load;
 ``pars_fast.e2e.report`` turns it into a Markdown table and plots.
 
@@ -36,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from pars_fast.e2e.metrics import SUMMARY_KEYS, RequestTiming, ratio, summarize
+from pars_fast.e2e.metrics import SUMMARY_KEYS, RequestTiming, ratio, saturated_tps, summarize
 from pars_fast.e2e.runner import EngineSettings, PolicyEngine, PolicySpec, RunError, RunSpec
 from pars_fast.e2e.workload import Job, Workload, build_workload, load_name, load_samples
 
 POLICIES = ("fcfs", "pars", "sjf", "pars-priority", "sjf-priority", "prompt-length")
 DEFAULT_POLICIES = ("fcfs", "pars", "sjf")
-DEFAULT_LOADS: tuple[float | None, ...] = (None, 0.8, 1.5, 3.0)
+DEFAULT_LOADS: tuple[float | None, ...] = (None, 0.5, 0.8, 1.5, 3.0)
 SCHEDULER_CLS = "pars_fast.vllm.PARSScheduler"
 # Policies whose order comes from the trained ranker.
 _RANKED = ("pars", "pars-priority")
@@ -314,10 +317,14 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
         tmp.replace(path)
         return result
 
-    state = _RunState(config.capacity_rps, log, on_level=lambda: snapshot(complete=False))
+    mean_tokens = float(np.mean([j.max_tokens for j in workload.jobs]))
+    state = _RunState(config.capacity_rps, log, config.max_num_seqs, mean_tokens, on_level=lambda: snapshot(complete=False))
+    busy = _loadavg()
+    if busy is not None and busy > 1.0:
+        log(f"warning: the machine is busy before the run (1-min load average {busy:.1f}); timings may be skewed")
     try:
         if config.capacity_rps is None and loads[0] is not None:
-            # No burst asked for: FCFS runs one anyway, only to measure the capacity.
+            # No burst asked for: the policies run one anyway, only to measure the capacity.
             loads_plan: list[float | None] = [_CALIBRATION, *loads]
         else:
             loads_plan = list(loads)
@@ -328,22 +335,21 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
             for name, handle in engines.items():
                 state.started(name, handle.wait_ready())
             for k, factor in enumerate(loads_plan):
-                # Rotate who goes first at each level, so no policy always runs right after
-                # another's load; level 0 (the burst) keeps FCFS first for the capacity.
+                # Rotate who goes first at each level, so no policy always runs right after another's load.
                 order = policies[k % len(policies):] + policies[: k % len(policies)]
                 for name in order:
-                    if factor is _CALIBRATION and name != policies[0]:
-                        continue
                     state.run(name, engines[name], factor)
+                state.level_done(factor)
         else:
             for name, handle in engines.items():
                 log(f"{name}: starting its engine" + (f"; log in {handle.log_path}" if handle.log_path else ""))
                 handle.start()
                 state.started(name, handle.wait_ready())
                 for factor in loads_plan:
-                    if factor is _CALIBRATION and name != policies[0]:
+                    if factor is _CALIBRATION and state.capacity is not None:
                         continue
                     state.run(name, handle, factor)
+                    state.level_done(factor)  # one engine at a time: the first policy's burst sets the capacity
                 handle.close()
     finally:
         for handle in engines.values():  # engines shut down in parallel (each takes seconds)
@@ -359,14 +365,24 @@ _CALIBRATION: Any = "calibration"
 
 
 class _RunState:
-    """Collects results as the levels complete; knows the capacity once FCFS's burst is in."""
+    """Collects results as the levels complete; sets the capacity once the bursts are in."""
 
-    def __init__(self, capacity: float | None, log: Log, on_level: Callable[[], Any] = lambda: None) -> None:
+    def __init__(
+        self,
+        capacity: float | None,
+        log: Log,
+        slots: int,
+        mean_tokens: float,
+        on_level: Callable[[], Any] = lambda: None,
+    ) -> None:
         self.capacity = capacity
         self.log = log
+        self.slots = slots
+        self.mean_tokens = mean_tokens
         self.on_level = on_level
         self.runs: dict[str, dict[str, Any]] = {}
         self.calibration: dict[str, Any] | None = None
+        self.burst_tps: dict[str, float] = {}  # policy -> saturated tokens/s of its burst
 
     def started(self, name: str, info: dict[str, Any]) -> None:
         self.runs[name] = {
@@ -387,19 +403,43 @@ class _RunState:
         load = "calibration" if calibration else load_name(factor)
         level = _level_result(handle.run_level(load, rate))
         s = level["summary"]
-        if self.capacity is None and factor is None:
-            self.capacity = s["throughput_rps"]
-            self.log(f"  capacity: {self.capacity:.3f} req/s (the {name} burst's throughput)")
+        if factor is None:
+            timings = [RequestTiming.from_dict(r) for r in level["requests"]]
+            tps = saturated_tps(timings, self.slots)
+            level["saturated_tps"] = tps
+            if tps is not None:
+                self.burst_tps[name] = tps
         if calibration:
-            self.calibration = {"policy": name, **level}
+            self.calibration = self.calibration or {}
+            self.calibration[name] = level
             self.on_level()
+            self.log(f"  {name:>13} calibration burst: {level.get('saturated_tps') or 0:.0f} tok/s with every slot busy")
             return
         self.runs[name]["levels"][load] = level
         self.on_level()
         self.log(
             f"  {name:>13} {load:>5}: mean latency {s['latency_mean']:.2f} s, P90 {s['latency_p90']:.2f} s, "
-            f"norm. {1e3 * s['norm_latency_mean']:.1f} ms/tok, {s['throughput_tps']:.0f} tok/s"
+            f"norm. {1e3 * s['norm_latency_mean']:.1f} ms/tok, {s['throughput_tps']:.0f} tok/s, ITL {1e3 * s['itl_mean']:.1f} ms"
         )
+
+    def level_done(self, factor: float | None) -> None:
+        """After the bursts: capacity = median saturated tokens/s over the policies / mean response tokens."""
+        if factor not in (None, _CALIBRATION) or self.capacity is not None:
+            return
+        if not self.burst_tps:
+            raise BenchError("no burst kept every slot busy, so the capacity is unknown; pass --capacity")
+        tps = float(np.median(list(self.burst_tps.values())))
+        self.capacity = tps / self.mean_tokens
+        per_policy = ", ".join(f"{k} {v:.0f}" for k, v in self.burst_tps.items())
+        self.log(f"  capacity: {self.capacity:.3f} req/s = median {tps:.0f} tok/s with every slot busy ({per_policy}) "
+                 f"/ {self.mean_tokens:.0f} tokens per request")
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _effective_aging(aging: float | None) -> float | None:
@@ -431,6 +471,10 @@ RATIOS = (
     ("FCFS/PARS mean norm. latency", "fcfs", "pars", "norm_latency_mean"),
     ("FCFS/SJF mean latency", "fcfs", "sjf", "latency_mean"),
     ("FCFS/PARS P90 latency", "fcfs", "pars", "latency_p90"),
+    ("FCFS/PARS P99 latency", "fcfs", "pars", "latency_p99"),
+    ("prompt-length/PARS mean latency", "prompt-length", "pars", "latency_mean"),
+    ("PARS/FCFS tok/s", "pars", "fcfs", "throughput_tps"),
+    ("PARS/FCFS ITL", "pars", "fcfs", "itl_mean"),
 )
 
 

@@ -14,7 +14,12 @@ Definitions (as in vllm-ltr and vLLM's serving benchmark):
   requests stuck behind long ones the way a user feels it;
 * wait: queued -> first scheduled, inside the engine (the queueing delay the
   scheduling order controls); the maximum shows starvation;
-* throughput: requests (tokens) completed / (last finish - first submit).
+* throughput: requests (tokens) completed / (last finish - first submit);
+* ITL: mean over requests of (last token - first token) / (output tokens - 1), the
+  decode time per token: what the engine's own overheads show up in;
+* saturated throughput (:func:`saturated_tps`): tokens per second while every slot of
+  the engine was busy, which is the engine's capacity on this workload, free of the
+  tail of a burst (its last, half-empty batches).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ SUMMARY_KEYS = (
     "wait_max",
     "throughput_rps",
     "throughput_tps",
+    "itl_mean",
     "makespan_s",
     "preemptions",
     "scoring_ms_per_request",
@@ -136,6 +142,8 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
     norm = np.array([t.norm_latency for t in timings])
     wait = np.array([t.wait for t in timings])
     tokens = int(sum(t.output_tokens for t in timings))
+    decoding = [t for t in timings if t.output_tokens > 1]
+    itl = float(np.mean([(t.finish - t.first_token) / (t.output_tokens - 1) for t in decoding])) if decoding else math.nan
     span = max(t.finish for t in timings) - min(t.submit for t in timings)
     if span <= 0:
         raise MetricsError(f"run lasted {span} s; cannot compute throughput")
@@ -154,10 +162,40 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
         "wait_max": float(wait.max()),
         "throughput_rps": len(timings) / span,
         "throughput_tps": tokens / span,
+        "itl_mean": itl,
         "makespan_s": float(span),
         "preemptions": int(sum(t.preemptions for t in timings)),
         "scoring_ms_per_request": None if scoring_s_per_request is None else 1e3 * scoring_s_per_request,
     }
+
+
+def saturated_tps(timings: Sequence[RequestTiming], slots: int) -> float | None:
+    """Tokens per second while at least ``slots`` requests were in the system (all slots busy).
+
+    The window runs from the first submit to the finish after which fewer than ``slots``
+    requests remain: for a burst, the start of its tail. A request's
+    tokens are taken as produced evenly between its first and last token. None when the
+    engine was never saturated.
+    """
+    if slots < 1:
+        raise MetricsError(f"slots must be >= 1, got {slots}")
+    if len(timings) < slots:
+        return None
+    start = min(t.submit for t in timings)
+    finishes = sorted(t.finish for t in timings)
+    end = finishes[len(finishes) - slots]  # after this finish, fewer than `slots` are left
+    if end <= start:
+        return None
+    tokens = 0.0
+    for t in timings:
+        if t.first_token >= end:
+            continue
+        if t.finish <= end or t.output_tokens <= 1:
+            tokens += t.output_tokens
+        else:  # the first token, then the rest evenly up to its finish
+            rate = (t.output_tokens - 1) / (t.finish - t.first_token)
+            tokens += 1 + rate * (end - t.first_token)
+    return tokens / (end - start)
 
 
 def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], key: str) -> float:

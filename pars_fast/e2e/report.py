@@ -32,6 +32,7 @@ COLUMNS = (
     ("max wait (s)", "wait_max", 1.0, "{:.1f}"),
     ("req/s", "throughput_rps", 1.0, "{:.2f}"),
     ("tok/s", "throughput_tps", 1.0, "{:.0f}"),
+    ("ITL (ms)", "itl_mean", 1e3, "{:.1f}"),
     ("scoring (ms/req)", "scoring_ms_per_request", 1.0, "{:.2f}"),
 )
 
@@ -90,7 +91,8 @@ def markdown_report(result: dict[str, Any], plots: Sequence[Path] = ()) -> str:
         f"{w['dropped_too_long']} samples too long skipped, {w['clipped']} responses clipped"
         + (f" at {w['max_response_tokens']}" if w["max_response_tokens"] else "")
         + ").",
-        f"Capacity {result['capacity_rps']:.3f} req/s (FCFS burst); ranker `{meta['ranker']}`; "
+        f"Capacity {result['capacity_rps']:.3f} req/s (median over the policies' bursts of the tokens/s served "
+        f"with every slot busy, per mean response); ranker `{meta['ranker']}`; "
         f"PARSScheduler aging {meta['aging']}.",
         f"Machine: {env.get('cpu', '?')}, {env.get('cpu_count')} CPUs" + (f", GPU {env['gpu']}" if "gpu" in env else "")
         + f"; {versions}. Wall time {meta['wall_s'] / 60:.1f} min.",
