@@ -26,7 +26,7 @@ from vllm.v1.request import RequestStatus
 
 from pars_fast.queue import ScoredRequestQueue, aging_wait_bound
 from pars_fast.vllm import PARSAsyncScheduler, PARSConfig, PARSConfigError, PARSScheduler
-from pars_fast.vllm.scoring import DECODE_SLACK
+from pars_fast.vllm.scoring import PROMPT_DECODE_CAP
 from vllm_harness import (
     RequestFactory,
     admission_order,
@@ -160,23 +160,29 @@ def test_queues_and_policy_replaced(build):
     assert sched.policy == SchedulingPolicy.PRIORITY  # vLLM preempts the max-priority (longest) request
 
 
-def test_text_ranker_sees_decoded_truncated_prompts(build, factory, tokenizer):
-    """Token ids are decoded with the served tokenizer, cut to what the ranker reads, and scored."""
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "max_prompt_tokens": 8}, max_num_seqs=1)
+def test_text_ranker_sees_whole_prompts_decoded_by_the_served_tokenizer(build, factory, tokenizer):
+    """The engine core has token ids only: they are decoded with the served model's tokenizer,
+    whole (a ranker's cheap features read the whole text; its encoder cuts what it reads)."""
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=1)
+    assert sched._decode_cap == PROMPT_DECODE_CAP
+    sched._decode_cap = cap = 300  # small enough for the tiny model's context
     numbers = [5, 42, 17, 3, 29, 11]
-    filler = " the quick brown fox jumps over the lazy dog" * 6
+    filler = " the quick brown fox jumps over the lazy dog" * 20
     reqs = [factory.make(prompt_ids(tokenizer, f"task {n} :{filler}"), 3) for n in numbers]
-    for r in reqs:
+    huge = factory.make(prompt_ids(tokenizer, "task 99 " + "word " * (cap + 100)), 3)
+    for r in [*reqs, huge]:
         sched.add_request(r)
     results = run_until_idle(sched)
     assert len(NumberRanker.calls) == 1  # one batch for the burst
-    cut = math.ceil(8 * DECODE_SLACK)
-    expected = [tokenizer.decode(r.prompt_token_ids[:cut], skip_special_tokens=True) for r in reqs]
-    assert NumberRanker.calls[0] == expected
-    assert all(len(r.prompt_token_ids) > cut for r in reqs)  # the cut really shortened them
-    assert admission_order(results) == [r.request_id for _, r in sorted(zip(numbers, reqs), key=lambda p: p[0])]
+    expected = [tokenizer.decode(r.prompt_token_ids, skip_special_tokens=True) for r in reqs]
+    assert NumberRanker.calls[0][:-1] == expected
+    assert 128 < len(reqs[0].prompt_token_ids) < cap  # more than an encoder reads
+    # A huge prompt is decoded up to the cap only.
+    assert NumberRanker.calls[0][-1] == tokenizer.decode(huge.prompt_token_ids[:cap], skip_special_tokens=True)
+    assert len(huge.prompt_token_ids) > cap
+    assert admission_order(results) == [r.request_id for _, r in sorted(zip(numbers + [99], reqs + [huge]), key=lambda p: p[0])]
     stats = sched.pars_stats()
-    assert stats["requests_scored"] == len(reqs) and stats["requests_fallback"] == 0
+    assert stats["requests_scored"] == len(reqs) + 1 and stats["requests_fallback"] == 0
     assert stats["decode_seconds"] > 0 and stats["scoring_seconds"] >= stats["decode_seconds"]
     assert_empty(sched)
 

@@ -244,7 +244,11 @@ def test_hung_worker_is_given_up_then_restarted(build, factory, tokenizer, mode,
     order = admission_order(results)
     # The given-up ones kept arrival order; the new worker scored the later ones.
     assert order[: len(first)] == [r.request_id for r in first]
-    assert [rid for rid in order if rid in {r.request_id for r in later}][-2:] == by_number(later, [40, 4, 30])[-2:]
+    # The first of the later ones may be admitted before any score is back; the other two
+    # wait for the restarted worker and go in score order.
+    later_order = [rid for rid in order if rid in {r.request_id for r in later}]
+    rest = [rid for rid in by_number(later, [40, 4, 30]) if rid != later_order[0]]
+    assert later_order[1:] == rest
     assert sorted(finish_order(results)) == sorted(r.request_id for r in first + later)
     assert_empty(sched)
 

@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pars_fast.online import OnlineConfig
+from pars_fast.traces import TraceConfig
+
 ENV_PREFIX = "PARS_FAST_"
 
 # Ranker names that are not folders.
@@ -126,6 +129,12 @@ class PARSConfig:
     stats_file: str | None = None
     # Seconds between INFO log lines with the counters; 0 turns them off.
     log_interval_s: float = 60.0
+    # Online adaptation to the served model's own output lengths (a worker's text ranker
+    # only): true/false or an object of OnlineConfig's fields (pars_fast.online).
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    # One JSONL row per finished request: a path, or {"path", "prompts", "max_bytes",
+    # "backups"} (pars_fast.traces.TraceConfig). None: no trace.
+    trace: TraceConfig | None = None
 
     @classmethod
     def from_sources(
@@ -214,6 +223,22 @@ class PARSConfig:
             kwargs["stats_file"] = None if value in (None, "") else str(value)
         if "log_interval_s" in raw:
             kwargs["log_interval_s"] = _non_negative_float(*raw["log_interval_s"])
+        if "online" in raw:
+            value, src = raw["online"]
+            if isinstance(value, str):  # from the environment: true/false or JSON
+                value = _json_or_bool(value, src)
+            try:
+                kwargs["online"] = OnlineConfig.parse(value, src)
+            except (TypeError, ValueError) as exc:
+                raise PARSConfigError(str(exc)) from None
+        if "trace" in raw:
+            value, src = raw["trace"]
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                value = _json_or_bool(value, src)
+            try:
+                kwargs["trace"] = TraceConfig.parse(value, src)
+            except (TypeError, ValueError) as exc:
+                raise PARSConfigError(str(exc)) from None
         config = cls(**kwargs)
         config.ranker_kind()  # a missing folder fails here, at start-up
         return config
@@ -243,6 +268,18 @@ class PARSConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for ``additional_config={"pars": config.to_dict()}``."""
         return asdict(self)
+
+
+def _json_or_bool(value: str, source: str) -> Any:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise PARSConfigError(f"{source}: expected true, false or a JSON object, got {value!r} ({exc})") from None
 
 
 def _cpus(value: Any, source: str) -> str | tuple[int, ...]:

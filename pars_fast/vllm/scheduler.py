@@ -53,16 +53,16 @@ from vllm.v1.request import Request, RequestStatus
 from pars_fast.queue import ScoredRequestQueue
 from pars_fast.vllm.compat import check_vllm_version
 from pars_fast.vllm.config import PARSConfig
+from pars_fast.traces import TraceRow, TraceWriter
 from pars_fast.vllm.scoring import (
+    PROMPT_DECODE_CAP,
     GuardedScorer,
+    Observation,
     ScoreJob,
     ScoringStats,
     build_scorer,
     cheap_scorer,
-    decode_tokens,
     default_ranker_path,
-    max_prompt_tokens,
-    prompt_tokens_read,
     record_fallback,
     served_tokenizer,
 )
@@ -91,6 +91,7 @@ class SchedulerCounters:
     scores_late: int = 0  # scores that came back after their request finished or was aborted
     rekeyed_waiting: int = 0
     rekeyed_running: int = 0  # scored after admission: the score orders preemption only
+    online_resets: int = 0  # reset_prefix_cache() calls that cleared the online learner
 
 
 class PARSScheduler(Scheduler):
@@ -140,22 +141,32 @@ class PARSScheduler(Scheduler):
         self._guard: GuardedScorer | None = None
         self._worker: ScoringWorker | None = None
         self._score_everything = False
+        self._decode_cap = PROMPT_DECODE_CAP
+        tokenizer = None
         cheap = cheap_scorer(config)
         if cheap is not None:
             self._guard = GuardedScorer(cheap, config.fallback)
             self._score_everything = True  # microseconds: score every arrival before the step
-            self._decode_tokens = 0
+            self._decode_cap = 0  # they read lengths, not text
         else:
             tokenizer = served_tokenizer(vllm_config.model_config)
             if mode == "inline":
                 scorer = build_scorer(config, tokenizer)
                 self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=config.fallback.budget_s)
                 scorer.warm_up()
-                self._decode_tokens = decode_tokens(max_prompt_tokens(config, getattr(scorer, "ranker", None)))
             else:
-                self._decode_tokens = decode_tokens(prompt_tokens_read(config))
                 self._worker = ScoringWorker(config, tokenizer, mode, cpus=_worker_cpus(config, vllm_config))
                 self._worker.start()  # loads and warms up the ranker; a bad one fails here
+        # Online learning needs a worker's text ranker; traces work with any scorer.
+        self._online = self._worker is not None and config.online.enabled
+        self._observations: list[Observation] = []
+        self._scores: dict[str, float] = {}  # the score each live request is ordered by
+        self._trace: TraceWriter | None = None
+        if config.trace is not None:
+            if config.trace.prompts and tokenizer is None:
+                tokenizer = served_tokenizer(vllm_config.model_config)
+            self._trace = TraceWriter(config.trace, tokenizer)
+        self._first_scheduled: dict[str, float] = {}  # for traces: when each request was first admitted
         logger.info(
             "%s: ranker=%s scoring=%s aging=%g/s score_batch_max=%d%s",
             type(self).__name__,
@@ -190,6 +201,12 @@ class PARSScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         if self._worker is not None and self._unscored:
             self._submit_waiting()
+        if self._trace is not None and output.scheduled_new_reqs:
+            stamp = time.time()
+            for new in output.scheduled_new_reqs:
+                self._first_scheduled.setdefault(new.req_id, stamp)
+        if self._observations:
+            self._flush_observations()
         now = time.monotonic()
         if self.pars_config.log_interval_s and now >= self._next_log:
             self._log_stats()
@@ -199,19 +216,39 @@ class PARSScheduler(Scheduler):
 
     # vLLM: Scheduler._free_request (every finish and abort passes here)
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        if self._unscored.pop(request.request_id, None) is not None:
+        rid = request.request_id
+        unscored = self._unscored.pop(rid, None) is not None
+        if unscored:
             self.counters.requests_unranked += 1
         elif self._worker is not None:
-            self._worker.cancel((request.request_id,))
+            self._worker.cancel((rid,))
+        score = self._scores.pop(rid, None)
+        if self._online:
+            self._observe(request, unscored)
+        if self._trace is not None:
+            self._trace_row(request, score)
         freed = super()._free_request(request, *args, **kwargs)
-        if not self.requests:  # idle now: the stats file shows the final counts
+        if not self.requests:  # idle now: send what finished, and the stats file shows the final counts
+            self._flush_observations()
             self._write_stats()
         return freed
+
+    # vLLM: Scheduler.reset_prefix_cache (also called in vLLM's cache-reset cascade after a weight update)
+    def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
+        """Also forget what the online learner learned: its labels came from the model as it was."""
+        if self._online:
+            self._observations.clear()
+            self._worker.reset()
+            self.counters.online_resets += 1
+        return super().reset_prefix_cache(*args, **kwargs)
 
     # vLLM: Scheduler.shutdown
     def shutdown(self) -> None:
         if self._worker is not None:
+            self._flush_observations()
             self._worker.close()
+        if self._trace is not None:
+            self._trace.close()
         self._write_stats()
         super().shutdown()
 
@@ -237,6 +274,10 @@ class PARSScheduler(Scheduler):
         # Not get_request_counts(): inside a finish, vLLM prunes `running` after freeing.
         num_running = sum(not r.is_finished() for r in self.running)
         num_waiting = len(self.waiting) + len(self.kv_holding_waiting)
+        if self._online:
+            scoring.setdefault("online", {})
+        if self._trace is not None:
+            scoring["trace"] = self._trace.stats()
         return {
             **scoring,
             **asdict(self.counters),
@@ -265,9 +306,52 @@ class PARSScheduler(Scheduler):
         ids = request.prompt_token_ids
         return ScoreJob(
             request_id=request.request_id,
-            prompt_token_ids=None if ids is None else list(ids[: self._decode_tokens]),
+            prompt_token_ids=None if ids is None or not self._decode_cap else list(ids[: self._decode_cap]),
             num_prompt_tokens=request.num_prompt_tokens,
             max_tokens=request.max_tokens,
+        )
+
+    def _observe(self, request: Request, unscored: bool) -> None:
+        """Queue a finished request for the online learner (sent once per step)."""
+        status = request.status
+        label = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        job = None
+        if unscored and label and self.pars_config.online.learn_unscored:
+            job = self._job(request)
+        elif unscored:
+            return  # the worker never saw it and there is nothing to learn
+        self._observations.append(
+            Observation(
+                request_id=request.request_id,
+                output_tokens=request.num_output_tokens,
+                length_capped=status == RequestStatus.FINISHED_LENGTH_CAPPED,
+                aborted=not label,
+                job=job,
+            )
+        )
+
+    def _flush_observations(self) -> None:
+        if self._observations and self._worker is not None:
+            self._worker.observe(self._observations)
+        self._observations = []
+
+    def _trace_row(self, request: Request, score: float | None) -> None:
+        rid = request.request_id
+        admitted = self._first_scheduled.pop(rid, None)
+        ids = request.prompt_token_ids
+        self._trace.write(
+            TraceRow(
+                request_id=rid,
+                arrival_time=request.arrival_time,
+                finish_time=time.time(),
+                prompt_tokens=request.num_prompt_tokens,
+                output_tokens=request.num_output_tokens,
+                finish_reason=_finish_reason(request.status),
+                score=score,
+                queue_wait_s=None if admitted is None else max(0.0, admitted - request.arrival_time),
+                ranker=self.pars_config.ranker,
+                prompt_token_ids=list(ids) if self.pars_config.trace.prompts and ids is not None else None,
+            )
         )
 
     def _score_inline(self) -> None:
@@ -337,6 +421,7 @@ class PARSScheduler(Scheduler):
         self._num_scores += 1
         self._mean_score += (score - self._mean_score) / self._num_scores
         self.counters.scores_applied += 1
+        self._scores[request.request_id] = score
         priority = self._priority(score, request.arrival_time)
         if priority == request.priority:
             return
@@ -353,18 +438,22 @@ class PARSScheduler(Scheduler):
     def _log_stats(self) -> None:
         self._next_log = time.monotonic() + self.pars_config.log_interval_s
         s = self.pars_stats()
+        online = s.get("online") or {}
         logger.info(
             "PARS: scored=%d fallback=%d unranked=%d late=%d scoring=%.2fs (decode %.2fs, max batch %.1f ms) "
-            "waiting=%d in_flight=%s",
+            "waiting=%d in_flight=%s%s",
             s["requests_scored"],
             s["requests_fallback"],
             s["requests_unranked"],
-            s["scores_late"],
+            s["scores_late"] + s["worker"].get("late_scores", 0),
             s["scoring_seconds"],
             s["decode_seconds"],
             s["max_batch_seconds"] * 1e3,
             s["num_waiting"],
             s["worker"].get("in_flight", 0),
+            f" online: weight={online.get('weight', 0):.2f} accuracy base/online/blend="
+            f"{online.get('accuracy_base')}/{online.get('accuracy_online')}/{online.get('accuracy_blend')} "
+            f"memory={online.get('memory', 0)}" if online else "",
         )
 
     def _write_stats(self) -> None:
@@ -387,6 +476,20 @@ class PARSAsyncScheduler(PARSScheduler, AsyncScheduler):
         super().__init__(vllm_config, *args, **kwargs)
         if not vllm_config.scheduler_config.async_scheduling:
             logger.warning("PARSAsyncScheduler used with async scheduling off; use PARSScheduler, which picks the base")
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    # vLLM reports "length" for these (prompt too long), but no token was generated.
+    RequestStatus.FINISHED_IGNORED: "ignored",
+}
+
+
+def _finish_reason(status: RequestStatus) -> str:
+    """vLLM's finish status as a trace's finish_reason ("stop", "length", "abort", ...)."""
+    return _FINISH_REASONS.get(status) or status.name.lower().removeprefix("finished_")
 
 
 def _worker_cpus(config: PARSConfig, vllm_config: VllmConfig) -> list[int] | None:

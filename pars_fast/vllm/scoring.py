@@ -8,8 +8,12 @@ in a thread, or in a separate process (:mod:`pars_fast.vllm.worker`).
 * :class:`OracleScorer` (``max_tokens`` is the true length: oracle SJF for benchmarks)
   and :class:`PromptLengthScorer` (baseline) cost microseconds.
 * :class:`TextRankerScorer` decodes the token ids with the *served* model's tokenizer
-  (the engine core has no prompt text), cut to what the ranker reads, and scores the
-  texts with a ranker (``.score(list[str])``).
+  (the engine core has no prompt text) and scores the texts with a ranker
+  (``.score(list[str])``). It decodes the whole prompt (up to ``PROMPT_DECODE_CAP``
+  tokens), not just what the encoder reads: a ranker's cheap features (length, lines,
+  requested counts) read the whole text. Decoding runs in the worker, off the step.
+* :class:`OnlineScorer` wraps a text ranker with an :class:`~pars_fast.online.OnlineLearner`:
+  it blends the ranker's scores with what finished requests taught it.
 * :class:`GuardedScorer` runs any of them and turns every failure (an exception, a
   wrong number of scores, NaN/inf, a batch over its time limit) into NaN, which the
   scheduler reads as "keep this request's FCFS key". Its counters are
@@ -19,7 +23,6 @@ in a thread, or in a separate process (:mod:`pars_fast.vllm.worker`).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import time
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from pars_fast.online import OnlineConfig, OnlineLearner
 from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
 
 if TYPE_CHECKING:
@@ -37,11 +41,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pars_fast.vllm")
 
-# Served-model tokens decoded per ranker token: the two tokenizers differ (BPE vs
-# WordPiece), so decode a little more than the ranker reads; the ranker truncates.
-DECODE_SLACK = 1.25
-# Used when neither the config nor the ranker says how many prompt tokens it reads.
-DEFAULT_MAX_PROMPT_TOKENS = 128
+# Prompt tokens sent to a text ranker (and decoded): enough for its cheap features to
+# see the whole of nearly every prompt (ShareGPT's p99 is about 3,000 tokens), bounded
+# so that a huge prompt costs the worker milliseconds, not seconds.
+PROMPT_DECODE_CAP = 8192
+# Finished-request records an OnlineScorer keeps while waiting for their labels.
+MAX_PENDING_RECORDS = 16384
 # Scores are clamped to +-SCORE_LIMIT so a wild ranker output cannot overflow the
 # integer priority (see scheduler.PRIORITY_UNITS_PER_SCORE).
 SCORE_LIMIT = 1e9
@@ -52,7 +57,7 @@ class ScoreJob:
     """One request to score, as plain data (picklable; no vLLM objects)."""
 
     request_id: str
-    # The prompt's first token ids, cut to what the ranker reads (None: a prompt-embeds request).
+    # The prompt's token ids, up to PROMPT_DECODE_CAP (None: a prompt-embeds request).
     prompt_token_ids: list[int] | None
     num_prompt_tokens: int
     max_tokens: int | None = None
@@ -109,17 +114,35 @@ class TextRankerScorer:
         return [next(texts) if j.prompt_token_ids is not None else None for j in jobs]
 
     def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[np.ndarray, float]:
+        scores, _, decode_s = self.score_and_embed(jobs, embed=False)
+        return scores, decode_s
+
+    def score_and_embed(self, jobs: Sequence[ScoreJob], embed: bool = True) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """Scores, the ranker's embeddings (None if it has none, or ``embed=False``), decode seconds."""
         start = time.perf_counter()
         texts = self.decode(jobs)
         decode_s = time.perf_counter() - start
         known = [t for t in texts if t is not None]
+        use_embed = embed and callable(getattr(self.ranker, "score_and_embed", None))
+        with _threads(self.threads):
+            if not known:
+                raw, emb = np.empty(0), None
+            elif use_embed:
+                raw, emb = self.ranker.score_and_embed(known)
+            else:
+                raw, emb = self.ranker.score(known), None
+        scores = as_scores(raw, len(known))
         if len(known) == len(texts):
-            return self._score(known), decode_s
+            return scores, emb, decode_s
         # Prompt-embeds requests carry no token ids: they get NaN (FCFS), the rest a score.
-        scores = as_scores(self._score(known), len(known)) if known else np.empty(0)
+        rows = [i for i, t in enumerate(texts) if t is not None]
         out = np.full(len(texts), np.nan)
-        out[[i for i, t in enumerate(texts) if t is not None]] = scores
-        return out, decode_s
+        out[rows] = scores
+        full_emb = None
+        if emb is not None:
+            full_emb = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
+            full_emb[rows] = emb
+        return out, full_emb, decode_s
 
     def warm_up(self) -> None:
         """Score a few prompts of different lengths, so one-off costs (Triton autotuning,
@@ -131,13 +154,107 @@ class TextRankerScorer:
             return
         words = "the quick brown fox jumps over the lazy dog ".split()
         prompts = [" ".join(words * k) for k in (1, 4, 16, 64)]
-        self._score(prompts)
+        with _threads(self.threads):
+            self.ranker.score_and_embed(prompts)
 
-    def _score(self, texts: list[str]) -> Any:
-        from pars_fast.encoder import torch_threads
 
-        with torch_threads(self.threads):
-            return self.ranker.score(texts)
+@dataclass(frozen=True)
+class Observation:
+    """A finished request, as the online learner sees it."""
+
+    request_id: str
+    output_tokens: int
+    length_capped: bool  # stopped by max_tokens: "at least output_tokens"
+    aborted: bool = False  # not a label: only forget the request
+    job: ScoreJob | None = None  # set for requests that were never scored (to embed them)
+
+
+class OnlineScorer:
+    """A text ranker whose scores an :class:`~pars_fast.online.OnlineLearner` blends with
+    what finished requests taught it. Runs where the ranker runs (the worker).
+
+    ``score_jobs`` keeps, per scored request, what the learner needs when its label
+    comes (``observe``). Requests that finished unscored are embedded later, when the
+    worker has nothing to score (``learn_pending``), within ``online.cpu_fraction``.
+    """
+
+    cheap = False
+
+    def __init__(self, inner: TextRankerScorer, config: OnlineConfig) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.config = config
+        self.learner: OnlineLearner | None = None  # built on the first batch (its embedding size)
+        self._records: dict[str, tuple[float, float, float, np.ndarray | None, int]] = {}
+        self._unscored: list[Observation] = []
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def _learner(self, emb: np.ndarray | None) -> OnlineLearner:
+        if self.learner is None:
+            self.learner = OnlineLearner(self.config, dim=None if emb is None else int(emb.shape[1]))
+        return self.learner
+
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[np.ndarray, float]:
+        base, emb, decode_s = self.inner.score_and_embed(jobs)
+        learner = self._learner(emb)
+        tokens = np.array([j.num_prompt_tokens for j in jobs])
+        final, online = learner.score(base, emb, tokens)
+        for i, job in enumerate(jobs):
+            self._records[job.request_id] = (base[i], online[i], final[i], None if emb is None else emb[i], job.num_prompt_tokens)
+        while len(self._records) > MAX_PENDING_RECORDS:  # labels that never came (lost requests)
+            del self._records[next(iter(self._records))]
+        return final, decode_s
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Learn from finished requests (prequentially: each is judged against the scores it got)."""
+        for obs in observations:
+            record = self._records.pop(obs.request_id, None)
+            if obs.aborted:
+                continue
+            if record is not None:
+                base, online, final, emb, prompt_tokens = record
+                self._learner(emb).observe(base, online, final, emb, prompt_tokens, obs.output_tokens, obs.length_capped)
+            elif obs.job is not None and self.config.learn_unscored and obs.job.prompt_token_ids is not None:
+                self._unscored.append(obs)
+        if len(self._unscored) > MAX_PENDING_RECORDS:
+            del self._unscored[: len(self._unscored) - MAX_PENDING_RECORDS]  # keep the newest
+
+    @property
+    def pending(self) -> int:
+        """Finished-but-unscored requests waiting to be learned from."""
+        return len(self._unscored)
+
+    def learn_pending(self, max_jobs: int) -> int:
+        """Embed and learn from up to ``max_jobs`` requests that finished unscored."""
+        batch, self._unscored = self._unscored[:max_jobs], self._unscored[max_jobs:]
+        if not batch:
+            return 0
+        jobs = [obs.job for obs in batch if obs.job is not None]
+        base, emb, _ = self.inner.score_and_embed(jobs)
+        learner = self._learner(emb)
+        tokens = np.array([j.num_prompt_tokens for j in jobs])
+        final, online = learner.score(base, emb, tokens)  # what it would have got: judged, then learned
+        for i, obs in enumerate(batch):
+            learner.observe(base[i], online[i], final[i], None if emb is None else emb[i], tokens[i], obs.output_tokens, obs.length_capped)
+        return len(batch)
+
+    def reset(self) -> None:
+        """Forget what traffic taught (records of requests in flight are kept)."""
+        if self.learner is not None:
+            self.learner.reset()
+        self._unscored.clear()
+
+    def stats(self) -> dict[str, Any]:
+        learner = self.learner.stats() if self.learner is not None else OnlineLearner(self.config).stats()
+        return {**learner, "pending_unscored": len(self._unscored)}
+
+
+def _threads(n: int | None) -> Any:
+    from pars_fast.encoder import torch_threads
+
+    return torch_threads(n)
 
 
 def _batch_decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
@@ -166,46 +283,6 @@ def as_scores(raw: Any, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------- loading
 
 
-def max_prompt_tokens(config: PARSConfig, ranker: Any = None) -> int:
-    """Prompt tokens the ranker reads: the config's, else the ranker's own, else 128."""
-    if config.max_prompt_tokens:
-        return config.max_prompt_tokens
-    value = getattr(getattr(ranker, "config", None), "max_prompt_tokens", None)
-    value = value or getattr(ranker, "max_prompt_tokens", None)
-    return int(value) if value else DEFAULT_MAX_PROMPT_TOKENS
-
-
-def prompt_tokens_read(config: PARSConfig) -> int:
-    """Prompt tokens the configured ranker reads, found without loading it (for the engine core)."""
-    if config.max_prompt_tokens:
-        return config.max_prompt_tokens
-    folder: Path | None = None
-    if config.ranker == "default":
-        folder = default_ranker_path()
-    elif config.ranker_kind() == "folder":
-        folder = Path(config.ranker).expanduser()
-    if folder is not None:
-        try:
-            return int(json.loads((folder / "ranker.json").read_text())["config"]["max_prompt_tokens"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return DEFAULT_MAX_PROMPT_TOKENS  # the worker's Ranker.load will say what is wrong
-    if config.ranker_kind() == "import":  # a class or object: read its attribute, build nothing
-        module_name, _, attr = config.ranker.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
-            return DEFAULT_MAX_PROMPT_TOKENS
-        return max_prompt_tokens(config, obj)
-    return DEFAULT_MAX_PROMPT_TOKENS
-
-
-def decode_tokens(max_prompt: int) -> int:
-    """Served-model tokens to send for a ranker that reads ``max_prompt`` tokens."""
-    return math.ceil(max_prompt * DECODE_SLACK)
-
-
 def cheap_scorer(config: PARSConfig) -> Scorer | None:
     """The built-in model-free scorers; None for a text ranker."""
     if config.ranker == "oracle":
@@ -215,13 +292,16 @@ def cheap_scorer(config: PARSConfig) -> Scorer | None:
     return None
 
 
-def build_scorer(config: PARSConfig, tokenizer: Any) -> Scorer:
-    """The scorer named by ``config.ranker``, loaded where it will run (every error is a start-up error)."""
+def build_scorer(config: PARSConfig, tokenizer: Any, online: bool = False) -> Scorer:
+    """The scorer named by ``config.ranker``, loaded where it will run (every error is a start-up error).
+
+    ``online``: wrap a text ranker in an :class:`OnlineScorer` (when ``config.online`` is on).
+    """
     cheap = cheap_scorer(config)
     if cheap is not None:
         return cheap
-    ranker = load_ranker(config)
-    return TextRankerScorer(ranker, tokenizer, name=config.ranker, threads=config.threads)
+    scorer = TextRankerScorer(load_ranker(config), tokenizer, name=config.ranker, threads=config.threads)
+    return OnlineScorer(scorer, config.online) if online and config.online.enabled else scorer
 
 
 def load_ranker(config: PARSConfig) -> Any:
@@ -232,9 +312,13 @@ def load_ranker(config: PARSConfig) -> Any:
 
         path = default_ranker_path() if config.ranker == "default" else Path(config.ranker).expanduser()
         try:
-            return Ranker.load(path, backend=config.backend, device=None if config.device == "auto" else config.device)
+            ranker = Ranker.load(path, backend=config.backend, device=None if config.device == "auto" else config.device)
         except RankerLoadError as exc:
             raise PARSConfigError(f"PARS: {exc}") from exc
+        if config.max_prompt_tokens:  # read more or fewer prompt tokens than the ranker was trained on
+            ranker.config.max_prompt_tokens = config.max_prompt_tokens
+            ranker.config.validate()
+        return ranker
     return _import_ranker(config.ranker)
 
 

@@ -46,7 +46,15 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from pars_fast.vllm.config import PARSConfig, PARSConfigError
-from pars_fast.vllm.scoring import GuardedScorer, ScoreJob, Scorer, ScoringStats, build_scorer
+from pars_fast.vllm.scoring import (
+    GuardedScorer,
+    Observation,
+    OnlineScorer,
+    ScoreJob,
+    Scorer,
+    ScoringStats,
+    build_scorer,
+)
 
 logger = logging.getLogger("pars_fast.vllm")
 
@@ -62,7 +70,9 @@ STOP_TIMEOUT_S = 5.0
 class Channel(Protocol):
     """The worker's end of the message pipe."""
 
-    def recv(self, block: bool) -> Any | None: ...
+    def recv(self, timeout: float | None) -> Any | None:
+        """The next message; waits up to ``timeout`` seconds (None: for ever), None if none came."""
+        ...
 
     def send(self, msg: Any) -> None: ...
 
@@ -70,24 +80,48 @@ class Channel(Protocol):
 def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
     """Score jobs as they come, ``config.score_batch_max`` at a time, until told to stop.
 
-    Cancelled jobs (their request finished or was aborted meanwhile) are skipped.
-    Blocks only when it has nothing to score.
+    Cancelled jobs (their request finished or was aborted meanwhile) are skipped. With
+    an :class:`~pars_fast.vllm.scoring.OnlineScorer`, finished requests (``observe``)
+    are learned from at once, and those that were never scored are embedded when there
+    is nothing to score, within ``online.cpu_fraction`` of the worker's time. Blocks
+    only when it has nothing to do.
     """
     guard = GuardedScorer(scorer, config.fallback)
+    online = scorer if isinstance(scorer, OnlineScorer) else None
     pending: deque[ScoreJob] = deque()
     cancelled: set[str] = set()
+    next_learn = 0.0
+
+    def stats() -> dict[str, Any]:
+        out = guard.stats.to_dict()
+        if online is not None:
+            out["online"] = online.stats()
+        return out
+
     while True:
-        msg = chan.recv(block=not pending)
+        now = time.monotonic()
+        if pending:
+            timeout: float | None = 0.0
+        elif online is not None and online.pending:
+            timeout = max(0.0, next_learn - now)
+        else:
+            timeout = None
+        msg = chan.recv(timeout)
         while msg is not None:
             kind, payload = msg
             if kind == "stop":
-                chan.send(("stopped", guard.stats.to_dict()))
+                chan.send(("stopped", stats()))
                 return
             if kind == "score":
                 pending.extend(payload)
             elif kind == "cancel":
                 cancelled.update(payload)
-            msg = chan.recv(block=False)
+            elif kind == "observe" and online is not None:
+                online.observe(payload)
+            elif kind == "reset" and online is not None:
+                online.reset()
+                chan.send(("stats", stats()))
+            msg = chan.recv(0.0)
         batch: list[ScoreJob] = []
         while pending and len(batch) < config.score_batch_max:
             job = pending.popleft()
@@ -99,7 +133,17 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
             cancelled.clear()  # ids whose scores were already on their way back
         if batch:
             scores = guard.score(batch)
-            chan.send(("scores", [j.request_id for j in batch], scores.tolist(), guard.stats.to_dict()))
+            chan.send(("scores", [j.request_id for j in batch], scores.tolist(), stats()))
+        elif online is not None and online.pending and time.monotonic() >= next_learn:
+            start = time.monotonic()
+            try:
+                online.learn_pending(config.score_batch_max)
+            except Exception as exc:  # learning is best effort; scoring goes on
+                logger.warning("PARS: online learning from unscored requests failed (%s: %s)", type(exc).__name__, exc)
+                online.reset()
+            spent = time.monotonic() - start
+            next_learn = time.monotonic() + spent * (1.0 / config.online.cpu_fraction - 1.0)
+            chan.send(("stats", stats()))
 
 
 # ---------------------------------------------------------------------- parent side
@@ -219,10 +263,22 @@ class ScoringWorker:
     def cancel(self, request_ids: Sequence[str]) -> None:
         """Forget jobs whose requests finished; the worker skips them if it has not started them."""
         ids = [rid for rid in request_ids if self._inflight.pop(rid, None) is not None]
-        if ids and self._link is not None:
+        if ids:
             self.counters.jobs_cancelled += len(ids)
+            self._send_quietly(("cancel", ids))
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Finished requests, for the online learner (dropped while no worker runs)."""
+        self._send_quietly(("observe", list(observations)))
+
+    def reset(self) -> None:
+        """Make the worker forget what traffic taught its online learner."""
+        self._send_quietly(("reset", None))
+
+    def _send_quietly(self, msg: Any) -> None:
+        if self._link is not None:
             try:
-                self._link.send(("cancel", ids))
+                self._link.send(msg)
             except (OSError, EOFError, ValueError):
                 pass  # noticed at the next poll
 
@@ -258,6 +314,8 @@ class ScoringWorker:
                         results.append((rid, score))
                     else:  # its request finished or was aborted meanwhile
                         self.counters.late_scores += 1
+            elif kind == "stats":
+                self.counters.worker_stats = msg[1]
             elif kind == "ready":  # a restarted worker finished loading
                 self.info = msg[1]
                 self._last_progress = now
@@ -317,9 +375,9 @@ class _QueueChannel:
     def __init__(self, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
         self.inbox, self.outbox = inbox, outbox
 
-    def recv(self, block: bool) -> Any | None:
+    def recv(self, timeout: float | None) -> Any | None:
         try:
-            return self.inbox.get(block=block)
+            return self.inbox.get(block=timeout != 0.0, timeout=timeout or None)
         except queue.Empty:
             return None
 
@@ -369,7 +427,7 @@ class _ThreadLink:
 
 def _thread_main(config: PARSConfig, tokenizer: Any, chan: _QueueChannel) -> None:
     try:
-        scorer = build_scorer(config, tokenizer)
+        scorer = build_scorer(config, tokenizer, online=True)
         info = _warm_up(scorer)
     except Exception as exc:
         chan.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -388,8 +446,8 @@ class _ConnChannel:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def recv(self, block: bool) -> Any | None:
-        if not block and not self.conn.poll(0):
+    def recv(self, timeout: float | None) -> Any | None:
+        if timeout is not None and not self.conn.poll(timeout):
             return None
         return self.conn.recv()
 
@@ -469,7 +527,7 @@ def _process_main(fd: int) -> int:
             import torch
 
             torch.set_num_threads(config.threads)
-        scorer = build_scorer(config, init["tokenizer"])
+        scorer = build_scorer(config, init["tokenizer"], online=True)
         info = _warm_up(scorer)
         info["cpus"] = sorted(os.sched_getaffinity(0))
     except Exception as exc:
