@@ -155,12 +155,22 @@ class TraceWriter:
             if self.config.prompts:
                 d["prompt"] = text
             lines.append(json.dumps(d, ensure_ascii=False) + "\n")
-        data = "".join(lines).encode()
-        if self.path.exists() and self.path.stat().st_size + len(data) > self.config.max_bytes:
-            self._rotate()
-        with open(self.path, "ab") as f:
-            f.write(data)
-        self.rows_written += len(rows)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        chunk: list[bytes] = []
+        for line in (text.encode() for text in lines):
+            if size and size + len(line) > self.config.max_bytes:  # this row would overflow the file
+                self._flush(chunk)
+                chunk, size = [], 0
+                self._rotate()
+            chunk.append(line)
+            size += len(line)
+        self._flush(chunk)
+
+    def _flush(self, chunk: list[bytes]) -> None:
+        if chunk:
+            with open(self.path, "ab") as f:
+                f.write(b"".join(chunk))
+            self.rows_written += len(chunk)
 
     def _rotate(self) -> None:
         n = self.config.backups

@@ -337,3 +337,87 @@ def test_missing_default_ranker_says_what_to_run(build, tmp_path, monkeypatch):
     monkeypatch.setenv("PARS_FAST_HOME", str(tmp_path))
     with pytest.raises(PARSConfigError, match="pars-fast train"):
         build("process", pars={"ranker": "default"})
+
+
+# ---------------------------------------------------------------------- online adaptation
+
+
+def test_online_learns_from_finished_requests_and_resets(build, factory, tokenizer):
+    """Scored requests are judged and learned from when they finish; reset_prefix_cache()
+    (vLLM's cache-reset cascade, e.g. after a weight update) makes the learner forget."""
+    pars = {"online": {"trust_length_caps": True, "min_observations": 8}}
+    sched = build("thread", pars=pars, max_num_seqs=1)
+    rng = np.random.default_rng(0)
+    numbers = rng.integers(1, 100, 24).tolist()
+    # Output length grows with the number in the prompt: the base ranker is right.
+    reqs = add_numbered(sched, factory, tokenizer, numbers, max_tokens=1)
+    for r, n in zip(reqs, numbers):
+        r.max_tokens = 1 + n // 10
+    step(sched)
+    assert sched.wait_for_scores(30)
+    run_until_idle(sched)
+    assert sched.sync_worker(30)
+    online = sched.pars_stats()["online"]
+    assert online["observed"] == 24 and online["censored"] == 0  # caps trusted: exact labels
+    assert online["accuracy_base"] > 0.9 and online["judged_pairs"] > 0
+    assert sched.reset_prefix_cache() is True
+    assert sched.sync_worker(30)
+    online = sched.pars_stats()["online"]
+    assert online["observed"] == 0 and online["resets"] == 1 and online["memory"] == 0
+    assert sched.pars_stats()["online_resets"] == 1
+    assert_empty(sched)
+
+
+def test_online_learns_unscored_requests_when_idle(build, factory, tokenizer):
+    sched = build("thread", max_num_seqs=8)
+    reqs = add_numbered(sched, factory, tokenizer, [3, 1, 2], max_tokens=2)
+    run_until_idle(sched)
+    assert sched.pars_stats()["requests_scored"] == 0  # never needed a score...
+    assert sched.sync_worker(30)
+    online = sched.pars_stats()["online"]
+    assert online["observed"] == len(reqs) and online["pending_unscored"] == 0  # ...but taught the learner
+    assert online["censored"] == len(reqs)  # stopped by max_tokens, caps not trusted: "at least" labels
+    off = build("thread", pars={"online": False}, max_num_seqs=8)
+    add_numbered(off, factory, tokenizer, [3, 1], max_tokens=2)
+    run_until_idle(off)
+    assert off.sync_worker(30) and "online" not in off.pars_stats()
+
+
+def test_aborted_requests_teach_nothing(build, factory, tokenizer):
+    sched = build("thread", max_num_seqs=1)
+    reqs = add_numbered(sched, factory, tokenizer, [5, 6, 7], max_tokens=2)
+    step(sched)
+    sched.finish_requests([r.request_id for r in reqs[1:]], RequestStatus.FINISHED_ABORTED)
+    run_until_idle(sched)
+    assert sched.sync_worker(30)
+    assert sched.pars_stats()["online"]["observed"] == 1
+    assert_empty(sched)
+
+
+# ---------------------------------------------------------------------- traces
+
+
+def test_trace_rows_for_every_finished_request(build, factory, tokenizer, tmp_path):
+    import json
+
+    path = tmp_path / "trace.jsonl"
+    sched = build("thread", pars={"trace": {"path": str(path), "prompts": True}}, max_num_seqs=1)
+    numbers = [30, 10, 20]
+    reqs = add_numbered(sched, factory, tokenizer, numbers, max_tokens=3, t0=time.time() - 1)
+    step(sched)
+    assert sched.wait_for_scores(30)
+    extra = add_numbered(sched, factory, tokenizer, [99], max_tokens=3, t0=time.time() - 1)
+    sched.finish_requests([extra[0].request_id], RequestStatus.FINISHED_ABORTED)
+    run_until_idle(sched)
+    sched.shutdown()  # flushes the writer
+    rows = {row["request_id"]: row for row in map(json.loads, path.read_text().splitlines())}
+    assert set(rows) == {r.request_id for r in reqs + extra}
+    for r, n in zip(reqs, numbers):
+        row = rows[r.request_id]
+        assert row["finish_reason"] == "length" and row["output_tokens"] == 3
+        assert row["prompt_tokens"] == len(r.prompt_token_ids) and row["prompt"].startswith(f"task {n}")
+        assert row["score"] == float(n) and row["queue_wait_s"] >= 0 and row["ranker"].endswith(":NumberRanker")
+        assert row["finish_time"] >= row["arrival_time"]
+    aborted = rows[extra[0].request_id]
+    assert aborted["finish_reason"] == "abort" and aborted["output_tokens"] == 0 and aborted["queue_wait_s"] is None
+    assert sched.pars_stats()["trace"]["rows"] == 4

@@ -224,7 +224,7 @@ class PARSScheduler(Scheduler):
             self._worker.cancel((rid,))
         score = self._scores.pop(rid, None)
         if self._online:
-            self._observe(request, unscored)
+            self._observe(request, scored=score is not None)
         if self._trace is not None:
             self._trace_row(request, score)
         freed = super()._free_request(request, *args, **kwargs)
@@ -293,6 +293,14 @@ class PARSScheduler(Scheduler):
         vLLM never calls this). The next ``schedule()`` applies the scores."""
         return self._worker is None or self._worker.wait_idle(timeout_s)
 
+    def sync_worker(self, timeout_s: float = 60.0) -> bool:
+        """Block until the worker has handled everything sent so far (finished requests
+        learned from, stats current). Tests and benchmarks only."""
+        if self._worker is None:
+            return True
+        self._flush_observations()
+        return self._worker.sync(timeout_s)
+
     def _priority(self, score: float, arrival_time: float) -> int:
         return round((score + self._aging * (arrival_time - self._t0)) * PRIORITY_UNITS_PER_SCORE)
 
@@ -311,15 +319,15 @@ class PARSScheduler(Scheduler):
             max_tokens=request.max_tokens,
         )
 
-    def _observe(self, request: Request, unscored: bool) -> None:
-        """Queue a finished request for the online learner (sent once per step)."""
+    def _observe(self, request: Request, scored: bool) -> None:
+        """Queue a finished request for the online learner (sent once per step).
+
+        One whose score never came back (never submitted, or finished first) carries its
+        prompt, so the worker can embed it and learn from it anyway.
+        """
         status = request.status
         label = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
-        job = None
-        if unscored and label and self.pars_config.online.learn_unscored:
-            job = self._job(request)
-        elif unscored:
-            return  # the worker never saw it and there is nothing to learn
+        job = self._job(request) if not scored and label and self.pars_config.online.learn_unscored else None
         self._observations.append(
             Observation(
                 request_id=request.request_id,

@@ -121,6 +121,10 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
             elif kind == "reset" and online is not None:
                 online.reset()
                 chan.send(("stats", stats()))
+            elif kind == "sync":  # everything sent before this is handled: learn the backlog too
+                while online is not None and online.pending:
+                    online.learn_pending(config.score_batch_max)
+                chan.send(("synced", payload, stats()))
             msg = chan.recv(0.0)
         batch: list[ScoreJob] = []
         while pending and len(batch) < config.score_batch_max:
@@ -193,6 +197,7 @@ class ScoringWorker:
         self._inflight: dict[str, float] = {}  # request id -> submit time
         self._last_progress = 0.0
         self._restart_at: float | None = None
+        self._synced = 0  # last sync token answered
 
     # -- lifecycle
 
@@ -316,6 +321,9 @@ class ScoringWorker:
                         self.counters.late_scores += 1
             elif kind == "stats":
                 self.counters.worker_stats = msg[1]
+            elif kind == "synced":
+                self.counters.worker_stats = msg[2]
+                self._synced = max(self._synced, msg[1])
             elif kind == "ready":  # a restarted worker finished loading
                 self.info = msg[1]
                 self._last_progress = now
@@ -327,6 +335,31 @@ class ScoringWorker:
         elif self._inflight and now - self._last_progress > self.config.fallback.deadline_s:
             given_up += self._lost("hung", f"no scores for {now - self._last_progress:.1f} s")
         return results, given_up
+
+    def sync(self, timeout_s: float = 60.0) -> bool:
+        """Block until the worker has handled every message sent so far, its scores and
+        stats included (tests and benchmarks only). The answers are kept for ``poll``."""
+        if self._link is None:
+            return False
+        token = self._synced + 1
+        self._send_quietly(("sync", token))
+        deadline = time.monotonic() + timeout_s
+        held: list[Any] = []
+        while self._synced < token and time.monotonic() < deadline and self._link is not None:
+            msg = self._link.recv(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            if msg is None:
+                continue
+            if msg[0] == "synced":
+                self.counters.worker_stats = msg[2]
+                self._synced = max(self._synced, msg[1])
+            else:
+                held.append(msg)
+        self._link_push_back(held)
+        return self._synced >= token
+
+    def _link_push_back(self, msgs: list[Any]) -> None:
+        if msgs and self._link is not None:
+            self._link.push_back(msgs)
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """Block until every submitted job's score has arrived (tests and benchmarks only)."""
@@ -358,6 +391,8 @@ class ScoringWorker:
 
 
 class _Link(Protocol):
+    def push_back(self, msgs: list[Any]) -> None: ...
+
     def send(self, msg: Any) -> None: ...
 
     def recv(self, timeout: float) -> Any | None: ...
@@ -391,7 +426,7 @@ class _ThreadLink:
     def __init__(self, owner: ScoringWorker) -> None:
         self._to_worker: queue.SimpleQueue = queue.SimpleQueue()
         self._from_worker: queue.SimpleQueue = queue.SimpleQueue()
-        self._peeked: Any | None = None
+        self._held: deque[Any] = deque()
         chan = _QueueChannel(self._to_worker, self._from_worker)
         self._thread = threading.Thread(
             target=_thread_main, args=(owner.config, owner.tokenizer, chan), name="pars-scoring", daemon=True
@@ -403,22 +438,26 @@ class _ThreadLink:
             raise EOFError("the scoring thread has exited")
         self._to_worker.put(msg)
 
+    def push_back(self, msgs: list[Any]) -> None:
+        self._held.extendleft(reversed(msgs))
+
     def recv(self, timeout: float) -> Any | None:
-        if self._peeked is not None:
-            msg, self._peeked = self._peeked, None
-            return msg
+        if self._held:
+            return self._held.popleft()
         try:
             return self._from_worker.get(timeout=timeout) if timeout > 0 else self._from_worker.get_nowait()
         except queue.Empty:
             return None
 
     def wait(self, timeout: float) -> bool:
-        if self._peeked is None:
-            self._peeked = self.recv(timeout)
-        return self._peeked is not None
+        if not self._held:
+            msg = self.recv(timeout)
+            if msg is not None:
+                self._held.append(msg)
+        return bool(self._held)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive() or self._peeked is not None or not self._from_worker.empty()
+        return self._thread.is_alive() or bool(self._held) or not self._from_worker.empty()
 
     def kill(self) -> None:
         # A thread cannot be killed: it is abandoned (a daemon), and its queues with it.
@@ -471,6 +510,7 @@ class _ProcessLink:
         )
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
+        self._held: deque[Any] = deque()
         init = {
             "config": owner.config,
             "tokenizer": owner.tokenizer,
@@ -480,16 +520,21 @@ class _ProcessLink:
         }
         self._conn.send_bytes(pickle.dumps(init))
 
+    def push_back(self, msgs: list[Any]) -> None:
+        self._held.extendleft(reversed(msgs))
+
     def send(self, msg: Any) -> None:
         self._conn.send(msg)
 
     def recv(self, timeout: float) -> Any | None:
+        if self._held:
+            return self._held.popleft()
         if not self._conn.poll(timeout):
             return None
         return self._conn.recv()
 
     def wait(self, timeout: float) -> bool:
-        return self._conn.poll(timeout)
+        return bool(self._held) or self._conn.poll(timeout)
 
     def is_alive(self) -> bool:
         return self._proc.poll() is None
