@@ -24,8 +24,12 @@ Providers: ``pars`` (PARSScheduler, "prompt-length" ranker, aging 0), ``vllm-fcf
   waiting queue up to N.
 * ``test_admit_burst``: one ``schedule()`` that admits 64 requests from N waiting.
 * ``test_abort_waiting``: ``finish_requests`` of 64 waiting requests out of N.
-* ``test_scoring``: decode + score one step's arrivals with the bundled MiniLM ranker
-  (its head untrained: same cost as a trained one) and with the oracle.
+* ``test_scoring``: decode + score one batch of arrivals with the bundled MiniLM ranker
+  (its head untrained: same cost as a trained one; fp32 and int8) and with the oracle.
+* ``test_step_no_queue``: every arrival admitted at once (light load): PARS with a real
+  ranker in its worker must add nothing (it never needs a score).
+* ``test_step_deep_queue``: 1,000 waiting, 8 arrivals a step: the step time with the
+  ranker in its worker process and inline under ``budget_s``, against vLLM's FCFS.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ class _Workload:
             prompt = [self.rng.randrange(100, 20_000) for _ in range(self.rng.randint(PROMPT_TOKENS // 2, PROMPT_TOKENS * 3 // 2))]
             self.sched.add_request(self.factory.make(prompt, MAX_TOKENS, priority=len(prompt)))
         if self.provider == "pars":
-            self.sched._score_arrivals()  # scoring is timed separately (test_scoring)
+            self.sched._score_inline()  # scoring is timed separately (test_scoring)
 
     def top_up(self) -> None:
         self.add(self.num_waiting - self.sched.get_request_counts()[1])
@@ -248,32 +252,147 @@ def sharegpt_prompts():
     return prompts
 
 
+@pytest.fixture(scope="module")
+def ranker_folder(tmp_path_factory):
+    """The bundled MiniLM with an untrained head, saved: the same cost as a trained ranker."""
+    from pars_fast.ranker import Ranker
+
+    return str(Ranker.from_backbone(device="cpu").save(tmp_path_factory.mktemp("ranker") / "minilm"))
+
+
 @pytest.mark.parametrize("batch", [16, 64, 256])
-@pytest.mark.parametrize("ranker", ["minilm", "oracle"])
+@pytest.mark.parametrize("ranker", ["minilm", "minilm-int8", "oracle"])
 def test_scoring(benchmark, model_dir, sharegpt_prompts, ranker, batch):
-    """Decode + score one step's arrivals: what PARS adds on a step with new requests."""
+    """Decode + score one batch of arrivals, as the scoring worker does (1 thread)."""
     from transformers import AutoTokenizer
 
-    from pars_fast.vllm.scoring import OracleScorer, TextRankerScorer
+    from pars_fast.vllm.scoring import OracleScorer, ScoreJob, TextRankerScorer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the served model's tokenizer
-    factory = RequestFactory()
-    requests = [factory.make(tokenizer(p, add_special_tokens=False)["input_ids"] or [1], 16) for p in sharegpt_prompts[:batch]]
+    jobs = [
+        ScoreJob(f"r{i}", ids, len(ids), 16)
+        for i, ids in enumerate(tokenizer(p, add_special_tokens=False)["input_ids"] or [1] for p in sharegpt_prompts[:batch])
+    ]
     if ranker == "oracle":
         scorer = OracleScorer()
     else:
         from pars_fast.ranker import Ranker
 
-        r = Ranker.from_backbone(device="cpu")
-        scorer = TextRankerScorer(r, tokenizer, r.config.max_prompt_tokens, name="minilm")
+        r = Ranker.from_backbone(device="cpu", backend="torch-int8" if ranker.endswith("int8") else "torch")
+        scorer = TextRankerScorer(r, tokenizer, name=ranker, threads=1)
         benchmark.extra_info["backend"] = r.backend_name
     decode = {"s": 0.0}
 
     def score():
-        _, decode_s = scorer.score_requests(requests)
+        _, decode_s = scorer.score_jobs(jobs)
         decode["s"] += decode_s
 
     _machine(benchmark, batch=batch, ranker=ranker)
-    rounds = 3 if ranker == "minilm" else 50
+    rounds = 3 if ranker != "oracle" else 50
     benchmark.pedantic(score, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info["decode_s_mean"] = decode["s"] / (rounds + 1)
+
+
+# ---------------------------------------------------------------------- a real ranker in its worker
+
+
+class _ServingWorkload:
+    """A steady stream through one scheduler: ``arrive`` requests join and as many finish per step.
+
+    ``provider``: "vllm-fcfs", "pars" (MiniLM int8 in its scoring worker process, the
+    default placement) or "pars-inline" (the same ranker inside ``schedule()`` under
+    ``budget_s``). Each request generates ``max_tokens`` tokens.
+    """
+
+    def __init__(self, provider, model_dir, ranker_folder, *, running, waiting, arrive, budget_s, seed=0):
+        pars = None
+        if provider.startswith("pars"):
+            pars = {"ranker": ranker_folder, "backend": "torch-int8", "log_interval_s": 0, "online": False,
+                    "worker": "inline" if provider == "pars-inline" else "process",
+                    "fallback": {"budget_s": budget_s, "retry_after_s": 0}}
+        config = make_vllm_config(model_dir, max_num_seqs=running, max_num_batched_tokens=8192,
+                                  num_blocks=(waiting + 4 * running) * 8, pars=pars)
+        self.sched = make_scheduler(PARSScheduler if pars else Scheduler, config)
+        self.factory = RequestFactory()
+        self.rng = random.Random(seed)
+        self.arrive, self.waiting, self.max_tokens = arrive, waiting, max(1, running // arrive)
+        self.last = None
+
+    def add(self, n):
+        for _ in range(n):
+            prompt = [self.rng.randrange(1000, 20_000) for _ in range(self.rng.randint(16, 96))]
+            self.sched.add_request(self.factory.make(prompt, self.max_tokens))
+
+    def prepare(self):
+        if self.last is not None:
+            self.sched.update_from_output(self.last, fake_model_output(self.sched, self.last))
+        # New arrivals, then top the queue up to its depth: the step sees them unscored.
+        self.add(self.arrive)
+        self.add(max(0, self.waiting - self.sched.get_request_counts()[1]))
+
+    def step(self):
+        self.last = self.sched.schedule()
+
+    def close(self):
+        if isinstance(self.sched, PARSScheduler):
+            self.sched.shutdown()
+
+
+def _serving(benchmark, model_dir, ranker_folder, name, providers, rounds, **shape):
+    works = {p: _ServingWorkload(p, model_dir, ranker_folder, **shape) for p in providers}
+    try:
+        for _ in range(10):  # into the steady state
+            for w in works.values():
+                w.prepare()
+                w.step()
+        wall: dict[str, list[float]] = {p: [] for p in providers}
+        order = list(providers)
+        rng = random.Random(0)
+
+        def one_round():
+            rng.shuffle(order)
+            for p in order:
+                works[p].prepare()
+                gc.disable()
+                start = time.perf_counter()
+                works[p].step()
+                wall[p].append(time.perf_counter() - start)
+                gc.enable()
+
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+        stats = {
+            p: {"median_us": statistics.median(v) * 1e6, "p99_us": sorted(v)[int(0.99 * (len(v) - 1))] * 1e6,
+                "max_us": max(v) * 1e6, "rounds": len(v)}
+            for p, v in wall.items()
+        }
+        pars_stats = {p: works[p].sched.pars_stats() for p in providers if p.startswith("pars")}
+        benchmark.extra_info.update(per_provider=stats, shape=shape,
+                                    pars={p: {k: s[k] for k in ("requests_scored", "requests_unranked", "batches", "scoring_seconds")}
+                                          for p, s in pars_stats.items()})
+        base = stats["vllm-fcfs"]
+        lines = [f"{p}: median {v['median_us']:.0f} us, p99 {v['p99_us']:.0f} us, max {v['max_us']:.0f} us"
+                 + ("" if p == "vllm-fcfs" else f" ({v['median_us'] / base['median_us']:.3f}x FCFS median, "
+                    f"+{(v['max_us'] - base['max_us']) / 1e3:.2f} ms max)") for p, v in stats.items()]
+        print(f"\n{name} {shape}:\n  " + "\n  ".join(lines) + f"\n  {benchmark.extra_info['pars']}")
+        return stats, pars_stats
+    finally:
+        for w in works.values():
+            w.close()
+
+
+def test_step_no_queue(benchmark, model_dir, ranker_folder):
+    """Light load: every arrival is admitted at once, so PARS must do no ranker work and cost nothing."""
+    _machine(benchmark)
+    stats, pars = _serving(benchmark, model_dir, ranker_folder, "no queue", ["pars", "vllm-fcfs"], rounds=1000,
+                           running=64, waiting=0, arrive=4, budget_s=None)
+    assert pars["pars"]["requests_scored"] == 0 and pars["pars"]["batches"] == 0
+
+
+def test_step_deep_queue(benchmark, model_dir, ranker_folder):
+    """1,000 waiting and 8 new arrivals per step: what ranking adds to a step, with the ranker
+    in its worker (never waits) and inline under ``budget_s`` (bounded by it)."""
+    budget_s = 0.02
+    _machine(benchmark, budget_s=budget_s)
+    stats, pars = _serving(benchmark, model_dir, ranker_folder, "deep queue", ["pars", "pars-inline", "vllm-fcfs"],
+                           rounds=150, running=64, waiting=1000, arrive=8, budget_s=budget_s)
+    assert pars["pars"]["requests_scored"] > 0 and pars["pars-inline"]["requests_scored"] > 0

@@ -32,10 +32,20 @@ def _loads(text: str) -> list[float | None]:
 
 def _policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
-    return names
+    if not names:
+        raise argparse.ArgumentTypeError(f"no policies given; choose from {', '.join(POLICIES)}")
+    return names  # checked against the built-in policies and --variant names by BenchConfig.check
+
+
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, value = text.partition("=")
+    try:
+        overrides = json.loads(value) if sep else None
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--variant {name}: not JSON ({exc})") from None
+    if not name or not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON-object (PARS settings over the pars policy's), got {text!r}")
+    return name, overrides
 
 
 def _engine_arg(text: str) -> tuple[str, Any]:
@@ -61,6 +71,8 @@ def add_e2e_arguments(parser: argparse.ArgumentParser, *, n: int, loads: str, ou
     g.add_argument("--max-response-tokens", type=int, default=None, help="clip responses to this many tokens (default: no clip)")
     g = parser.add_argument_group("policies")
     g.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES), help=f"comma-separated, from: {', '.join(POLICIES)}")
+    g.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=JSON",
+                   help="a policy NAME: pars with these PARS settings on top, e.g. pars-thread='{\"worker\": \"thread\"}'; repeatable")
     g.add_argument("--ranker", default="default", help="ranker folder for pars (default: the default ranker, trained on first use)")
     g.add_argument("--aging", type=float, default=None, help="PARSScheduler aging (score units per second waited); default: the scheduler's")
     g = parser.add_argument_group("engine")
@@ -92,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         n=args.n,
         loads=args.loads,
         policies=args.policies,
+        variants=dict(args.variant),
         ranker=args.ranker,
         aging=args.aging,
         capacity_rps=args.capacity,

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config.check()
-        if any(p in ("pars", "pars-priority") for p in config.policies):
+        if any(p in ("pars", "pars-frozen", "pars-priority") for p in config.policies):
             print("[1/2] ranker", flush=True)
             t = time.monotonic()
             config.ranker = resolve_ranker(config.ranker)  # trains the default ranker on first use

@@ -16,13 +16,19 @@ results.json) holds every request's timings and a summary per policy and load;
 Policies (``POLICIES``):
 
 * ``fcfs``: vLLM's default scheduler;
-* ``pars``: ``pars_fast.vllm.PARSScheduler`` with the trained ranker;
+* ``pars``: ``pars_fast.vllm.PARSScheduler`` with the trained ranker (and its online
+  learner; the replay stops each request at its true length, so a length cap is an
+  exact label here: ``trust_length_caps``);
+* ``pars-frozen``: the same with online adaptation off (the ranker alone);
 * ``sjf``: ``PARSScheduler`` with the ``oracle`` ranker (true lengths): the best a
   non-preemptive order can do;
 * ``pars-priority``: vLLM's own ``--scheduling-policy priority`` with PARS ranks sent
   as request priorities by the client (the route the PARS paper suggests);
 * ``sjf-priority``: the same with true lengths (oracle SJF without pars_fast's scheduler);
-* ``prompt-length``: ``PARSScheduler`` ranking by prompt length (a weak baseline).
+* ``prompt-length``: ``PARSScheduler`` ranking by prompt length (a weak baseline);
+* variants (``BenchConfig.variants``, ``--variant NAME=JSON``): ``pars`` with PARS
+  settings overridden, e.g. ``pars-inline='{"worker": "inline"}'``, to compare
+  configurations side by side in one run.
 """
 
 from __future__ import annotations
@@ -43,12 +49,12 @@ from pars_fast.e2e.metrics import SUMMARY_KEYS, RequestTiming, ratio, saturated_
 from pars_fast.e2e.runner import EngineSettings, PolicyEngine, PolicySpec, RunError, RunSpec
 from pars_fast.e2e.workload import Job, Workload, build_workload, load_name, load_samples
 
-POLICIES = ("fcfs", "pars", "sjf", "pars-priority", "sjf-priority", "prompt-length")
+POLICIES = ("fcfs", "pars", "sjf", "pars-frozen", "pars-priority", "sjf-priority", "prompt-length")
 DEFAULT_POLICIES = ("fcfs", "pars", "sjf")
 DEFAULT_LOADS: tuple[float | None, ...] = (None, 0.5, 0.8, 1.5, 3.0)
 SCHEDULER_CLS = "pars_fast.vllm.PARSScheduler"
 # Policies whose order comes from the trained ranker.
-_RANKED = ("pars", "pars-priority")
+_RANKED = ("pars", "pars-frozen", "pars-priority")
 
 
 class BenchError(RuntimeError):
@@ -65,6 +71,8 @@ class BenchConfig:
     n: int = 200
     loads: Sequence[float | None] = DEFAULT_LOADS  # None = burst; else x measured capacity
     policies: Sequence[str] = DEFAULT_POLICIES
+    # name -> PARS settings laid over the "pars" policy's (e.g. {"worker": "thread"})
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     ranker: str = "default"  # "default" (trained on first use) or a ranker folder
     aging: float | None = None  # PARSScheduler aging; None: the scheduler's default
     capacity_rps: float | None = None  # None: measure it from the FCFS burst
@@ -87,9 +95,16 @@ class BenchConfig:
     schedule: str = "auto"
 
     def check(self) -> None:
-        unknown = [p for p in self.policies if p not in POLICIES]
+        clash = sorted(set(self.variants) & set(POLICIES))
+        if clash:
+            raise ValueError(f"variant names {clash} are built-in policies; pick other names")
+        unknown = [p for p in self.policies if p not in POLICIES and p not in self.variants]
         if unknown:
-            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)} or a --variant")
+        for name, overrides in self.variants.items():
+            from pars_fast.vllm.config import PARSConfig
+
+            PARSConfig.from_sources({"ranker": "oracle", **overrides}, {})  # a typo fails before any engine starts
         if len(set(self.policies)) != len(self.policies) or not self.policies:
             raise ValueError(f"policies must be distinct and non-empty, got {list(self.policies)}")
         if not self.loads:
@@ -149,15 +164,28 @@ def client_priorities(scores: np.ndarray) -> list[int]:
     return ranks.tolist()
 
 
-def make_policy(name: str, jobs: Sequence[Job], ranker_dir: str | None, aging: float | None) -> PolicySpec:
+def make_policy(
+    name: str,
+    jobs: Sequence[Job],
+    ranker_dir: str | None,
+    aging: float | None,
+    variants: dict[str, dict[str, Any]] | None = None,
+) -> PolicySpec:
     """The engine/client settings of a named policy (see the module docstring)."""
     pars_extra = {} if aging is None else {"aging": aging}
+    if variants and name in variants:
+        base = make_policy("pars", jobs, ranker_dir, aging)
+        return PolicySpec(name, scheduler_cls=base.scheduler_cls, pars={**(base.pars or {}), **variants[name]})
     if name == "fcfs":
         return PolicySpec(name)
-    if name in ("pars", "sjf", "prompt-length"):
-        ranker = {"pars": ranker_dir, "sjf": "oracle", "prompt-length": "prompt-length"}[name]
+    if name in ("pars", "pars-frozen", "sjf", "prompt-length"):
+        ranker = {"pars": ranker_dir, "pars-frozen": ranker_dir, "sjf": "oracle", "prompt-length": "prompt-length"}[name]
         if ranker is None:
-            raise ValueError("policy 'pars' needs a ranker folder")
+            raise ValueError(f"policy {name!r} needs a ranker folder")
+        if name == "pars":
+            pars_extra = {**pars_extra, "online": {"trust_length_caps": True}}
+        elif name == "pars-frozen":
+            pars_extra = {**pars_extra, "online": False}
         # log_interval_s=0: the per-level counters come from the stats file instead.
         return PolicySpec(name, scheduler_cls=SCHEDULER_CLS, pars={"ranker": ranker, "log_interval_s": 0, **pars_extra})
     if name == "sjf-priority":
@@ -244,7 +272,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
         f"{info.clipped} clipped"
     )
     ranker_dir = None
-    if any(p in _RANKED for p in config.policies):
+    if any(p in _RANKED or p in config.variants for p in config.policies):
         ranker_dir = resolve_ranker(config.ranker)
         log(f"ranker: {ranker_dir}")
 
@@ -266,7 +294,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
     engines = {
         name: PolicyEngine(
             RunSpec(
-                policy=make_policy(name, workload.jobs, ranker_dir, config.aging),
+                policy=make_policy(name, workload.jobs, ranker_dir, config.aging, config.variants),
                 engine=engine,
                 prompt_token_ids=[j.prompt_token_ids for j in workload.jobs],
                 max_tokens=[j.max_tokens for j in workload.jobs],
@@ -473,6 +501,7 @@ RATIOS = (
     ("FCFS/PARS P90 latency", "fcfs", "pars", "latency_p90"),
     ("FCFS/PARS P99 latency", "fcfs", "pars", "latency_p99"),
     ("prompt-length/PARS mean latency", "prompt-length", "pars", "latency_mean"),
+    ("PARS-frozen/PARS mean latency", "pars-frozen", "pars", "latency_mean"),
     ("PARS/FCFS tok/s", "pars", "fcfs", "throughput_tps"),
     ("PARS/FCFS ITL", "pars", "fcfs", "itl_mean"),
 )

@@ -14,6 +14,7 @@ COLORS = {
     "fcfs": "#d62728",
     "pars": "#1f77b4",
     "sjf": "#2ca02c",
+    "pars-frozen": "#17becf",
     "pars-priority": "#9467bd",
     "sjf-priority": "#8c564b",
     "prompt-length": "#7f7f7f",

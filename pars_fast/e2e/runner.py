@@ -320,6 +320,11 @@ async def _serve(conn: Connection, spec: RunSpec, bars: TextIO) -> None:
                 raise ValueError(f"unknown command {msg!r}")
             load, rate = msg["load"], msg["rate"]
             await warm_up(load)
+            # Every level starts from the same state: the warm-up's requests (the stream's
+            # own prompts, cut at a few tokens) and earlier levels (the same prompts again)
+            # must not have taught PARS's online learner anything.
+            await engine.reset_prefix_cache()
+            await asyncio.sleep(SETTLE_S)
             before = _read_stats(spec.stats_file)
             load_before = _loadavg()
             offsets = arrival_offsets(len(rendered), rate, spec.seed)
@@ -443,5 +448,10 @@ def _stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         "scoring_seconds": d("scoring_seconds"),
         "decode_seconds": d("decode_seconds"),
         "max_batch_seconds": float(after.get("max_batch_seconds", 0.0)),
+        "unranked": int(d("requests_unranked")),
+        "skipped": int(d("requests_skipped")),
+        "late": int(d("scores_late")),
         "ranker": after.get("ranker"),
+        "worker": after.get("worker"),
+        "online": after.get("online"),  # the learner at the end of the level (reset before it)
     }

@@ -80,20 +80,25 @@ class Workload:
 
 
 def load_samples(data: str, tokenizer: Any) -> list[Sample]:
-    """Samples named by ``data``: ``sharegpt`` (its held-out test split) or a ``.jsonl`` path.
+    """Samples named by ``data``: ``sharegpt`` (its held-out test split), ``humaneval``
+    (164 code prompts; the canonical solution's length), or a ``.jsonl`` path.
 
-    ``tokenizer`` (the serving model's) counts ShareGPT response lengths; a JSONL's
-    ``response_len`` is taken as given (it must already be in the serving tokenizer).
+    ``tokenizer`` (the serving model's) counts ShareGPT and HumanEval response lengths; a
+    JSONL's ``response_len`` is taken as given (it must already be in the serving tokenizer).
     """
-    from pars_fast.data import load_jsonl, sharegpt_split
+    from pars_fast.data import load_humaneval, load_jsonl, sharegpt_split
 
     if data in ("sharegpt", "sharegpt-test"):
         _, test = sharegpt_split(tokenizer=tokenizer)
         return test
+    if data == "humaneval":
+        return load_humaneval(tokenizer=tokenizer)
     path = Path(data)
     if path.suffix == ".jsonl" or path.is_file():
         return load_jsonl(path, tokenizer=tokenizer)
-    raise WorkloadError(f"unknown data {data!r}: use 'sharegpt' (its held-out test split) or a path to a .jsonl file")
+    raise WorkloadError(
+        f"unknown data {data!r}: use 'sharegpt' (its held-out test split), 'humaneval', or a path to a .jsonl file"
+    )
 
 
 def build_workload(

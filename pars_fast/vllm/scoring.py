@@ -388,6 +388,7 @@ class ScoringStats:
 
     requests_scored: int = 0  # got a usable score
     requests_fallback: int = 0  # kept their FCFS key instead (see fallback_reasons)
+    requests_skipped: int = 0  # finished or aborted before the worker got to them
     batches: int = 0  # batches handed to the scorer
     failed_batches: int = 0  # batches with no usable scores (error, time limit, cool-down)
     scoring_seconds: float = 0.0  # decode + score, all batches

@@ -131,6 +131,7 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
             job = pending.popleft()
             if job.request_id in cancelled:
                 cancelled.discard(job.request_id)
+                guard.stats.requests_skipped += 1
             else:
                 batch.append(job)
         if not pending:
