@@ -120,6 +120,14 @@ class KnnMemory(torch.nn.Module):
     def rows(self) -> int:
         return int(self.keys.shape[0])
 
+    def _float_keys(self) -> torch.Tensor:
+        # Stored fp16 (half the folder size); looked up in fp32, converted once, not per call.
+        cached = getattr(self, "_keys32", None)
+        if cached is None or cached.device != self.keys.device or cached.shape != self.keys.shape:
+            cached = self.keys.float()
+            self._keys32 = cached
+        return cached
+
     def lookup(self, emb: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax-weighted mean value of the ``k`` nearest rows of each embedding.
 
@@ -127,7 +135,7 @@ class KnnMemory(torch.nn.Module):
         leave-one-out scores for the memory's own training prompts.
         """
         q = torch.nn.functional.normalize(emb.float(), dim=1)
-        sims = q @ self.keys.float().T
+        sims = q @ self._float_keys().T
         if exclude is not None:
             sims[torch.arange(len(q)), exclude] = -math.inf
         k = min(self.spec.k, self.rows - (1 if exclude is not None else 0))
@@ -138,7 +146,7 @@ class KnnMemory(torch.nn.Module):
     def inputs(self, emb: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """The :data:`KNN_INPUTS` columns ``[n, 7]`` of each embedding (one matmul, one top-k)."""
         q = torch.nn.functional.normalize(emb.float(), dim=1)
-        sims = q @ self.keys.float().T
+        sims = q @ self._float_keys().T
         if exclude is not None:
             sims[torch.arange(len(q)), exclude] = -math.inf
         avail = self.rows - (1 if exclude is not None else 0)
@@ -393,15 +401,26 @@ def attach_knn(
     val: tuple[torch.Tensor, torch.Tensor | None, np.ndarray] | None,
     val_metric: Callable[[np.ndarray, np.ndarray], float],
     weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+    lookups: tuple[tuple[int, float], ...] = tuple((k, t) for k in (10, 20, 50, 100, 200) for t in (0.02, 0.05, 0.1)),
     tune: bool = True,
 ) -> tuple[ScoreHead, dict[str, Any]]:
     """A copy of ``head`` that blends in a kNN memory over ``mem_emb``.
 
-    The blend weight (in units of the base score's own spread) is picked on the
-    validation set from ``weights``; the base score is rescaled so weight 1 means
-    "as much kNN as base". Returns the new head and the validation grid.
+    With a validation set (and ``tune``), the lookup (``k``, temperature) is
+    picked from ``lookups`` by the kNN score's own validation metric, then the
+    blend weight (in units of the base score's own spread, so weight 1 means
+    "as much kNN as base") from ``weights``. Returns the new head and the grids.
     """
     values = torch.log1p(mem_lengths.float())
+    lookup_grid: dict[str, float] = {}
+    if val is not None and tune and lookups:
+        probe = KnnMemory(mem_emb, values, spec)
+        with torch.no_grad():
+            for k, temp in lookups:
+                probe.spec = KnnSpec(k=k, temperature=temp, weight=spec.weight)
+                lookup_grid[f"{k},{temp}"] = val_metric(probe.lookup(val[0]).numpy(), val[2])
+        best_k, best_t = max(lookups, key=lambda kt: lookup_grid[f"{kt[0]},{kt[1]}"])
+        spec = KnnSpec(k=best_k, temperature=best_t, weight=spec.weight)
     memory = KnnMemory(mem_emb, values, spec)
     new_spec = copy.deepcopy(head.spec)
     new_spec.knn = copy.deepcopy(spec)
@@ -427,7 +446,9 @@ def attach_knn(
             spread = 1.0 if val is None else float(out.base(val[0], val[1]).std().clamp_min(1e-6))
         out.spec.knn.weight = spec.weight * spread
         spec_weight = spec.weight
-    return out.eval(), {"weight_relative": spec_weight, "weight": out.spec.knn.weight, "grid": grid}
+    info = {"k": spec.k, "temperature": spec.temperature, "weight_relative": spec_weight, "weight": out.spec.knn.weight,
+            "grid": grid, "lookup_grid": lookup_grid}
+    return out.eval(), info
 
 
 __all__ = [

@@ -134,6 +134,9 @@ def test_attach_knn_picks_a_weight_on_validation():
     head, info = attach_knn(base, KnnSpec(k=10, temperature=0.05), emb[:600], lengths[:600],
                             val=(emb[600:750], None, lengths[600:750].numpy()), val_metric=_acc)
     assert info["weight_relative"] > 0 and head.memory.rows == 600
+    # The lookup (k, temperature) was picked on validation from the grid, and the head uses it.
+    assert info["lookup_grid"] and (head.spec.knn.k, head.spec.knn.temperature) == (info["k"], info["temperature"])
+    assert info["lookup_grid"][f"{info['k']},{info['temperature']}"] == max(info["lookup_grid"].values())
     with torch.no_grad():
         acc = _acc(head(emb[750:]).numpy(), lengths[750:].numpy())
     assert acc > 0.95

@@ -19,7 +19,8 @@ from pars_fast.training.trainer import attach_eval_metrics, train
 
 DEFAULT_RECIPE = "default"
 # Training prompts the default recipe uses (None: all 9,977 of the train split).
-# The frozen-feature pass is most of first use: ~3.8k tokens/s on 2 idle cores.
+# The frozen-feature pass is most of first use (~153 s of ~3 min on 2 idle cores,
+# docs/RANKING.md); 6,000 prompts would save ~60 s and cost 0.03 test tau.
 DEFAULT_RANKER_MAX_TRAIN: int | None = None
 
 

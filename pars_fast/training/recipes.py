@@ -7,14 +7,16 @@ docs/RANKING.md.
 * ``fast``: PARS loss, frozen MiniLM, linear head, 6,000 training prompts
   (the default ranker before issue 10; about 2 minutes on 2 idle cores).
 * ``default``: what ``ensure_default_ranker()`` trains on first use: frozen
-  MiniLM, an MLP head fused with cheap prompt features, blended with a kNN
-  memory of the training prompts; the best recipe that trains in about
-  3 minutes on 2 idle cores.
+  MiniLM, a linear head on [embedding, cheap prompt features, kNN-memory
+  lookups]; the best recipe that trains in about 3 minutes on 2 idle cores.
 * ``paper``: PARS's recipe: full fine-tune, 3 epochs, batch 32, lr 2e-5,
   δ = 0.2, margin 1, from a probed linear head (LP-FT). 15-25 min on 2 idle
   cores, about a minute on a GPU.
-* ``best``: ``paper``, then the kNN memory and cheap features on the
-  fine-tuned encoder's embeddings.
+* ``best``: ``paper``, then a kNN memory of the training prompts' fine-tuned
+  embeddings blended into the fine-tuned head's score (lookup and blend
+  weight picked on the validation slice).
+* ``knn-on``: that last step alone, on a ranker fine-tuned before
+  (``--backbone DIR``): ``paper`` then ``knn-on`` is ``best`` in two commands.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "head": "linear",
         "knn": "blend",
     },
+    # The kNN part of "best" alone, on a ranker fine-tuned before:
+    #   pars-fast train --recipe knn-on --backbone FINE_TUNED_RANKER_DIR --out DIR
+    "knn-on": {"mode": "head", "knn": "blend"},
 }
 
 # Keys that belong to RankerConfig rather than TrainConfig.
