@@ -592,8 +592,10 @@ def test_config_precedence_and_env_mirror():
     # Where scoring runs: model-free rankers inline, text rankers in a worker process.
     assert PARSConfig(ranker="oracle").worker_mode() == "inline"
     assert PARSConfig(ranker="prompt-length").worker_mode() == "inline"
-    assert PARSConfig(ranker="default").worker_mode() == "process"
-    assert PARSConfig(ranker="default", worker="thread").worker_mode() == "thread"
+    assert PARSConfig(ranker="default").worker_mode() == "process"  # spare CPUs unknown (a GPU server)
+    assert PARSConfig(ranker="default").worker_mode(spare_cpus=True) == "process"
+    assert PARSConfig(ranker="default").worker_mode(spare_cpus=False) == "inline"  # CPU backend, no spare core
+    assert PARSConfig(ranker="default", worker="thread").worker_mode(spare_cpus=False) == "thread"
 
 
 def test_stats_file_tracks_the_counters(build, factory, tmp_path):

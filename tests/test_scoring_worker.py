@@ -318,14 +318,35 @@ def test_process_worker_is_pinned_and_niced(build):
 
 
 def test_process_worker_defaults_to_the_cpus_vllm_leaves_free(build):
-    """On vLLM's CPU backend the model worker's OpenMP threads are bound to their own cores;
-    the ranker gets the others (all of them when none is left, e.g. on a 1-core machine)."""
+    """On vLLM's CPU backend the model worker's OpenMP threads are bound to their own cores
+    and one core is reserved for the engine core; a process worker gets the spare ones, or,
+    with none spare, the engine core's (never the model's)."""
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
     sched = build("process")
-    bound = {c for cpus in OMPProcessManager(sched.vllm_config).cpu_lists for c in cpus}
-    free = sorted(set(os.sched_getaffinity(0)) - bound) or sorted(os.sched_getaffinity(0))
-    assert sched.pars_stats()["worker"]["cpus"] == free
+    manager = OMPProcessManager(sched.vllm_config)
+    model = {c for cpus in manager.cpu_lists for c in cpus}
+    spare = sorted(set(os.sched_getaffinity(0)) - model - set(manager.reserved_cpu_list))
+    expected = spare or sorted(set(os.sched_getaffinity(0)) - model) or None
+    assert sched.pars_stats()["worker"].get("cpus") == expected
+
+
+def test_auto_placement_scores_inline_without_a_spare_core(build, factory, tokenizer):
+    """worker "auto": with no CPU left beside the model's and the engine core's (vLLM's CPU
+    backend on this 2-core machine), the ranker scores inline; with spare cores, in a process."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    sched = build("auto", max_num_seqs=1)
+    manager = OMPProcessManager(sched.vllm_config)
+    model = {c for cpus in manager.cpu_lists for c in cpus}
+    spare = set(os.sched_getaffinity(0)) - model - set(manager.reserved_cpu_list)
+    assert sched.pars_stats()["worker"]["mode"] == ("process" if spare else "inline")
+    numbers = [50, 3, 20, 7]
+    reqs = add_numbered(sched, factory, tokenizer, numbers)
+    results = run_until_idle(sched)
+    if not spare:  # inline: every waiting request was scored before the first step
+        assert admission_order(results) == by_number(reqs, numbers)
+    assert_empty(sched)
 
 
 def test_worker_start_failure_stops_the_engine_start(build):
@@ -342,11 +363,12 @@ def test_missing_default_ranker_says_what_to_run(build, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- online adaptation
 
 
-def test_online_learns_from_finished_requests_and_resets(build, factory, tokenizer):
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+def test_online_learns_from_finished_requests_and_resets(build, factory, tokenizer, mode):
     """Scored requests are judged and learned from when they finish; reset_prefix_cache()
     (vLLM's cache-reset cascade, e.g. after a weight update) makes the learner forget."""
     pars = {"online": {"trust_length_caps": True, "min_observations": 8}}
-    sched = build("thread", pars=pars, max_num_seqs=1)
+    sched = build(mode, pars=pars, max_num_seqs=1)
     rng = np.random.default_rng(0)
     numbers = rng.integers(1, 100, 24).tolist()
     # Output length grows with the number in the prompt: the base ranker is right.

@@ -108,9 +108,13 @@ class PARSConfig:
     score_batch_max: int = 32
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     # Where a text ranker scores: "process" (a child process: no GIL shared with the
-    # engine core, pinned to the CPUs vLLM leaves free), "thread" (in the engine-core
-    # process), "inline" (inside schedule(), under fallback.budget_s), or "auto":
-    # inline for the model-free rankers (oracle, prompt-length), else process.
+    # engine core, pinned to spare CPUs), "thread" (in the engine-core process), "inline"
+    # (inside schedule(), under fallback.budget_s), or "auto": inline for the model-free
+    # rankers (oracle, prompt-length); for a text ranker, process when the machine has
+    # CPUs that neither the model nor the engine core uses (a GPU server), else inline:
+    # on vLLM's CPU backend every other core runs the model, and a ranker competing
+    # with the engine core for its core slows every step more than scoring inline does
+    # (docs/ARCHITECTURE.md, "Where the ranker runs").
     worker: str = "auto"
     # Ranker backend passed to Ranker.load ("auto", "torch", "triton", ...).
     backend: str = "auto"
@@ -259,11 +263,17 @@ class PARSConfig:
             f"one of {list(BUILTIN_RANKERS)}, or 'package.module:attr'."
         )
 
-    def worker_mode(self) -> str:
-        """Where scoring runs: ``"inline"``, ``"thread"`` or ``"process"`` (``"auto"`` resolved)."""
+    def worker_mode(self, spare_cpus: bool | None = None) -> str:
+        """Where scoring runs: ``"inline"``, ``"thread"`` or ``"process"`` (``"auto"`` resolved).
+
+        ``spare_cpus``: whether the machine has CPUs neither the model nor the engine core
+        uses (None: not known, e.g. off vLLM's CPU backend, where the model is on a GPU).
+        """
         if self.worker != "auto":
             return self.worker
-        return "inline" if self.ranker in ("oracle", "prompt-length") else "process"
+        if self.ranker in ("oracle", "prompt-length"):
+            return "inline"
+        return "inline" if spare_cpus is False else "process"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for ``additional_config={"pars": config.to_dict()}``."""

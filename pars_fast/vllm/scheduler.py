@@ -58,6 +58,7 @@ from pars_fast.vllm.scoring import (
     PROMPT_DECODE_CAP,
     GuardedScorer,
     Observation,
+    OnlineScorer,
     ScoreJob,
     ScoringStats,
     build_scorer,
@@ -137,9 +138,11 @@ class PARSScheduler(Scheduler):
         self._next_stats_write = 0.0
 
         # Where scoring runs. Model-free scorers, and "inline", run inside schedule().
-        mode = config.worker_mode()
+        placement = _cpu_placement(vllm_config)
+        mode = config.worker_mode(spare_cpus=None if placement is None else bool(placement.spare))
         self._guard: GuardedScorer | None = None
         self._worker: ScoringWorker | None = None
+        self._inline_online: OnlineScorer | None = None
         self._score_everything = False
         self._decode_cap = PROMPT_DECODE_CAP
         tokenizer = None
@@ -151,14 +154,15 @@ class PARSScheduler(Scheduler):
         else:
             tokenizer = served_tokenizer(vllm_config.model_config)
             if mode == "inline":
-                scorer = build_scorer(config, tokenizer)
+                scorer = build_scorer(config, tokenizer, online=True)
                 self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=config.fallback.budget_s)
                 scorer.warm_up()
+                self._inline_online = scorer if isinstance(scorer, OnlineScorer) else None
             else:
-                self._worker = ScoringWorker(config, tokenizer, mode, cpus=_worker_cpus(config, vllm_config))
+                self._worker = ScoringWorker(config, tokenizer, mode, cpus=_worker_cpus(config, placement))
                 self._worker.start()  # loads and warms up the ranker; a bad one fails here
-        # Online learning needs a worker's text ranker; traces work with any scorer.
-        self._online = self._worker is not None and config.online.enabled
+        # Online learning needs a text ranker; traces work with any scorer.
+        self._online = (self._worker is not None and config.online.enabled) or self._inline_online is not None
         self._observations: list[Observation] = []
         self._scores: dict[str, float] = {}  # the score each live request is ordered by
         self._trace: TraceWriter | None = None
@@ -238,7 +242,10 @@ class PARSScheduler(Scheduler):
         """Also forget what the online learner learned: its labels came from the model as it was."""
         if self._online:
             self._observations.clear()
-            self._worker.reset()
+            if self._worker is not None:
+                self._worker.reset()
+            else:
+                self._inline_online.reset()
             self.counters.online_resets += 1
         return super().reset_prefix_cache(*args, **kwargs)
 
@@ -265,6 +272,8 @@ class PARSScheduler(Scheduler):
         else:
             scoring = self._guard.stats.to_dict() if self._guard is not None else ScoringStats().to_dict()
             worker = {"mode": "inline"}
+            if self._inline_online is not None:
+                scoring["online"] = self._inline_online.stats()
         given_up = self._given_up
         if given_up.requests_fallback:
             scoring["requests_fallback"] += given_up.requests_fallback
@@ -327,6 +336,8 @@ class PARSScheduler(Scheduler):
         """
         status = request.status
         label = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if not scored and self._inline_online is not None:
+            return  # inline, an unscored request would have to be embedded inside a step: skipped
         job = self._job(request) if not scored and label and self.pars_config.online.learn_unscored else None
         self._observations.append(
             Observation(
@@ -339,8 +350,11 @@ class PARSScheduler(Scheduler):
         )
 
     def _flush_observations(self) -> None:
-        if self._observations and self._worker is not None:
-            self._worker.observe(self._observations)
+        if self._observations:
+            if self._worker is not None:
+                self._worker.observe(self._observations)
+            elif self._inline_online is not None:
+                self._inline_online.observe(self._observations)  # microseconds per request: no embedding
         self._observations = []
 
     def _trace_row(self, request: Request, score: float | None) -> None:
@@ -500,11 +514,17 @@ def _finish_reason(status: RequestStatus) -> str:
     return _FINISH_REASONS.get(status) or status.name.lower().removeprefix("finished_")
 
 
-def _worker_cpus(config: PARSConfig, vllm_config: VllmConfig) -> list[int] | None:
-    """CPUs for a process worker: the configured ones, or on vLLM's CPU backend those it
-    leaves to the engine core (it pins each model worker's OpenMP threads to its own cores)."""
-    if config.cpus != "auto":
-        return list(config.cpus)
+@dataclass(frozen=True)
+class _CpuPlacement:
+    """How vLLM's CPU backend lays its processes over this machine's CPUs."""
+
+    model: frozenset[int]  # the model workers' OpenMP threads are bound here
+    reserved: frozenset[int]  # left to the engine core and the front end
+    spare: tuple[int, ...]  # neither: free for a scoring worker
+
+
+def _cpu_placement(vllm_config: VllmConfig) -> _CpuPlacement | None:
+    """vLLM's CPU binding (None off the CPU backend, or if its helper moved)."""
     try:
         from vllm.platforms import current_platform
 
@@ -513,11 +533,25 @@ def _worker_cpus(config: PARSConfig, vllm_config: VllmConfig) -> list[int] | Non
         from vllm.utils.ompmultiprocessing import OMPProcessManager
 
         manager = OMPProcessManager(vllm_config)
-        bound = {cpu for cpus in getattr(manager, "cpu_lists", []) for cpu in cpus}
-    except Exception as exc:  # an internal vLLM helper: if it moves, run unpinned
-        logger.debug("PARS: cannot read vLLM's CPU binding (%s); the scoring worker runs unpinned", exc)
+        model = frozenset(cpu for cpus in getattr(manager, "cpu_lists", []) for cpu in cpus)
+        reserved = frozenset(getattr(manager, "reserved_cpu_list", []))
+    except Exception as exc:  # an internal vLLM helper: if it moves, place nothing
+        logger.debug("PARS: cannot read vLLM's CPU binding (%s)", exc)
         return None
-    free = sorted(set(os.sched_getaffinity(0)) - bound)
+    spare = tuple(sorted(set(os.sched_getaffinity(0)) - model - reserved))
+    return _CpuPlacement(model, reserved, spare)
+
+
+def _worker_cpus(config: PARSConfig, placement: _CpuPlacement | None) -> list[int] | None:
+    """CPUs for a process worker: the configured ones; on vLLM's CPU backend the spare ones,
+    else any not bound to the model (the engine core's); elsewhere, unpinned."""
+    if config.cpus != "auto":
+        return list(config.cpus)
+    if placement is None:
+        return None
+    if placement.spare:
+        return list(placement.spare)
+    free = sorted(set(os.sched_getaffinity(0)) - placement.model)
     return free or None
 
 
