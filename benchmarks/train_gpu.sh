@@ -37,3 +37,5 @@ run best             --recipe best                                    # + kNN me
 run best-headtail    --recipe best --truncation head_tail             # first 63 + last 63 tokens
 run best-256         --recipe best --max-prompt-tokens 256            # longer context
 run best-512-6ep     --recipe best --max-prompt-tokens 512 --epochs 6 # what a GPU can afford and a CPU cannot
+run pointwise        --recipe paper --loss pointwise                  # the baselines at the same budget
+run listmle          --recipe paper --loss listmle

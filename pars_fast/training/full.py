@@ -9,6 +9,7 @@ accuracy, val τ, elapsed seconds) goes into the history: the validation curve.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -120,6 +121,8 @@ def train_full_mode(
                         best_state = {"encoder": _snapshot(encoder), "head": _snapshot(head)}
                     if log is not None:
                         log.info("step %d: %s", step, entry)
+                    if progress:  # the validation curve, visible in the log while the run goes on
+                        bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}))
             if step >= total:
                 break
     if best_state is not None:
