@@ -352,7 +352,7 @@ def sharegpt_later(n: int = SHAREGPT_LATER_N, tokenizer: Any = None, seed: int =
         for i, k in zip(cand, count_tokens([pairs[i][1] for i in cand], tok), strict=True):
             if k > 0 and len(kept) < n:
                 kept[i] = k
-    samples = [Sample(pairs[i][0], kept[i]) for i in sorted(kept)]
+    samples = [Sample(pairs[i][0], kept[i], len(pairs[i][1])) for i in sorted(kept)]
     save_jsonl(samples, cache)
     return samples
 

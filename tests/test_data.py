@@ -48,6 +48,30 @@ def test_streams_truncated_file_up_to_premature_eof(tmp_path):
         ("q", "a"),
         ("last complete", "yes"),
     ]
+    # Later turns: every pair after position 0, so never a first-turn pair.
+    assert list(iter_sharegpt_pairs(turns="later", path=path)) == [("again", "sure"), ("q", "a")]
+    with pytest.raises(ValueError, match="turns"):
+        list(iter_sharegpt_pairs(turns="middle", path=path))
+
+
+def test_sharegpt_later_is_a_seeded_cached_sample_without_empty_responses(monkeypatch):
+    import pars_fast.data as data
+
+    pairs = [(f"later prompt {i}", "" if i % 7 == 0 else "word " * (i % 13 + 1)) for i in range(300)]
+    calls = []
+
+    def fake_pairs(turns=None, **_):
+        calls.append(turns)
+        return iter(pairs)
+
+    monkeypatch.setattr(data, "iter_sharegpt_pairs", fake_pairs)
+    got = data.sharegpt_later(n=50)
+    assert calls == ["later"] and len(got) == 50
+    assert all(s.response_len > 0 and s.response_chars is not None for s in got)
+    order = [int(s.prompt.split()[-1]) for s in got]
+    assert order == sorted(order)  # file order
+    assert data.sharegpt_later(n=50) == got and calls == ["later"]  # from the cache
+    assert data.sharegpt_later(n=50, seed=8) != got
 
 
 def test_malformed_sharegpt_is_a_clear_error(tmp_path):
