@@ -48,6 +48,7 @@ def test_saturated_throughput_excludes_the_tail_of_a_burst():
     assert saturated_tps(BURST, slots=1) == pytest.approx(27 / 14)  # one slot: busy to the end
     assert saturated_tps(BURST[:1], slots=2) is None  # never saturated
     assert summarize(BURST)["itl_mean"] == pytest.approx(1.0)
+    assert math.isnan(summarize(BURST)["running_mean"])  # no engine timestamps here
     assert summarize(BURST)["throughput_tps"] == pytest.approx(27 / 14)  # the tail lowers the plain rate
     with pytest.raises(MetricsError, match="slots"):
         saturated_tps(BURST, slots=0)
@@ -56,8 +57,11 @@ def test_saturated_throughput_excludes_the_tail_of_a_burst():
 def test_summary_matches_hand_computed_values():
     s = summarize(HAND, scoring_s_per_request=0.002)
     assert list(s) == list(SUMMARY_KEYS)
-    # ITL: (2 - 0.5) / 3, (5 - 1) / 9, (9 - 4) / 1
-    assert s["itl_mean"] == pytest.approx((1.5 / 3 + 4 / 9 + 5.0) / 3)
+    # ITL, token-weighted: (1.5 + 4 + 5) s of decoding for (3 + 9 + 1) tokens after the first
+    assert s["itl_mean"] == pytest.approx(10.5 / 13)
+    # Running: (2 - 0.25) + (5 - 0.75) + (9 - 3.5) = 11.5 request-seconds over 9 s
+    assert s["running_mean"] == pytest.approx(11.5 / 9)
+    assert s["step_cost_ms"] == pytest.approx(1e3 * (10.5 / 13) / (11.5 / 9))
     assert s["n"] == 3 and s["output_tokens"] == 16
     assert s["latency_mean"] == pytest.approx(5.0)
     # numpy's linear interpolation: sorted [2, 5, 8]; P90 at rank 1.8 -> 5 + 0.8 * 3.

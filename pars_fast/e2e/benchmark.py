@@ -504,6 +504,7 @@ RATIOS = (
     ("PARS-frozen/PARS mean latency", "pars-frozen", "pars", "latency_mean"),
     ("PARS/FCFS tok/s", "pars", "fcfs", "throughput_tps"),
     ("PARS/FCFS ITL", "pars", "fcfs", "itl_mean"),
+    ("PARS/FCFS step cost", "pars", "fcfs", "step_cost_ms"),
 )
 
 

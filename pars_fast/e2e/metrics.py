@@ -15,8 +15,13 @@ Definitions (as in vllm-ltr and vLLM's serving benchmark):
 * wait: queued -> first scheduled, inside the engine (the queueing delay the
   scheduling order controls); the maximum shows starvation;
 * throughput: requests (tokens) completed / (last finish - first submit);
-* ITL: mean over requests of (last token - first token) / (output tokens - 1), the
-  decode time per token: what the engine's own overheads show up in;
+* ITL: decode seconds per output token, over all requests (sum of last token - first
+  token, over the sum of output tokens - 1): token-weighted, so a stall that hits one
+  short request does not dominate it;
+* step cost: ITL divided by the mean number of running requests. On a compute-bound
+  engine (this CPU) a decode step's time grows with the batch, so an order that keeps
+  more requests in flight raises ITL with no engine slowdown at all; the step cost
+  takes that out and isolates what the scheduler adds to each step;
 * saturated throughput (:func:`saturated_tps`): tokens per second while every slot of
   the engine was busy, which is the engine's capacity on this workload, free of the
   tail of a burst (its last, half-empty batches).
@@ -48,6 +53,8 @@ SUMMARY_KEYS = (
     "throughput_rps",
     "throughput_tps",
     "itl_mean",
+    "running_mean",
+    "step_cost_ms",
     "makespan_s",
     "preemptions",
     "scoring_ms_per_request",
@@ -143,10 +150,13 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
     wait = np.array([t.wait for t in timings])
     tokens = int(sum(t.output_tokens for t in timings))
     decoding = [t for t in timings if t.output_tokens > 1]
-    itl = float(np.mean([(t.finish - t.first_token) / (t.output_tokens - 1) for t in decoding])) if decoding else math.nan
+    decode_tokens = sum(t.output_tokens - 1 for t in decoding)
+    itl = sum(t.finish - t.first_token for t in decoding) / decode_tokens if decode_tokens else math.nan
+    scheduled = [t.finish - t.scheduled for t in timings if t.scheduled is not None]
     span = max(t.finish for t in timings) - min(t.submit for t in timings)
     if span <= 0:
         raise MetricsError(f"run lasted {span} s; cannot compute throughput")
+    running = sum(scheduled) / span if len(scheduled) == len(timings) else math.nan
     return {
         "n": len(timings),
         "output_tokens": tokens,
@@ -163,6 +173,8 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
         "throughput_rps": len(timings) / span,
         "throughput_tps": tokens / span,
         "itl_mean": itl,
+        "running_mean": running,
+        "step_cost_ms": 1e3 * itl / running if running and running > 0 else math.nan,
         "makespan_s": float(span),
         "preemptions": int(sum(t.preemptions for t in timings)),
         "scoring_ms_per_request": None if scoring_s_per_request is None else 1e3 * scoring_s_per_request,

@@ -34,6 +34,8 @@ COLUMNS = (
     ("req/s", "throughput_rps", 1.0, "{:.2f}"),
     ("tok/s", "throughput_tps", 1.0, "{:.0f}"),
     ("ITL (ms)", "itl_mean", 1e3, "{:.1f}"),
+    ("running", "running_mean", 1.0, "{:.1f}"),
+    ("step cost (ms)", "step_cost_ms", 1.0, "{:.2f}"),
     ("scoring (ms/req)", "scoring_ms_per_request", 1.0, "{:.2f}"),
 )
 
