@@ -163,7 +163,7 @@ def test_queues_and_policy_replaced(build):
 def test_text_ranker_sees_whole_prompts_decoded_by_the_served_tokenizer(build, factory, tokenizer):
     """The engine core has token ids only: they are decoded with the served model's tokenizer,
     whole (a ranker's cheap features read the whole text; its encoder cuts what it reads)."""
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}}, max_num_seqs=1)
     assert sched._decode_cap == PROMPT_DECODE_CAP
     sched._decode_cap = cap = 300  # small enough for the tiny model's context
     numbers = [5, 42, 17, 3, 29, 11]
@@ -188,7 +188,7 @@ def test_text_ranker_sees_whole_prompts_decoded_by_the_served_tokenizer(build, f
 
 
 def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}}, max_num_seqs=1)
     for n in range(10):
         sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 4))
     step(sched)

@@ -22,6 +22,9 @@ Policies (``POLICIES``):
 * ``pars-frozen``: the same with online adaptation off (the ranker alone);
 * ``sjf``: ``PARSScheduler`` with the ``oracle`` ranker (true lengths): the best a
   non-preemptive order can do;
+* ``pars-frontend``: the ranker in the serving front end: the client scores each prompt
+  as it arrives and sends the score as vLLM's priority (``--scheduling-policy
+  priority``, no PARSScheduler). The placement PARS's own code suggests;
 * ``pars-priority``: vLLM's own ``--scheduling-policy priority`` with PARS ranks sent
   as request priorities by the client (the route the PARS paper suggests);
 * ``sjf-priority``: the same with true lengths (oracle SJF without pars_fast's scheduler);
@@ -49,12 +52,12 @@ from pars_fast.e2e.metrics import SUMMARY_KEYS, RequestTiming, ratio, saturated_
 from pars_fast.e2e.runner import EngineSettings, PolicyEngine, PolicySpec, RunError, RunSpec
 from pars_fast.e2e.workload import Job, Workload, build_workload, load_name, load_samples
 
-POLICIES = ("fcfs", "pars", "sjf", "pars-frozen", "pars-priority", "sjf-priority", "prompt-length")
+POLICIES = ("fcfs", "pars", "sjf", "pars-frozen", "pars-frontend", "pars-priority", "sjf-priority", "prompt-length")
 DEFAULT_POLICIES = ("fcfs", "pars", "sjf")
 DEFAULT_LOADS: tuple[float | None, ...] = (None, 0.5, 0.8, 1.5, 3.0)
 SCHEDULER_CLS = "pars_fast.vllm.PARSScheduler"
 # Policies whose order comes from the trained ranker.
-_RANKED = ("pars", "pars-frozen", "pars-priority")
+_RANKED = ("pars", "pars-frozen", "pars-frontend", "pars-priority")
 
 
 class BenchError(RuntimeError):
@@ -188,6 +191,13 @@ def make_policy(
             pars_extra = {**pars_extra, "online": False}
         # log_interval_s=0: the per-level counters come from the stats file instead.
         return PolicySpec(name, scheduler_cls=SCHEDULER_CLS, pars={"ranker": ranker, "log_interval_s": 0, **pars_extra})
+    if name == "pars-frontend":
+        if ranker_dir is None:
+            raise ValueError("policy 'pars-frontend' needs a ranker folder")
+        from pars_fast.vllm.config import PARSConfig
+
+        return PolicySpec(name, scheduling_policy="priority", frontend_ranker=ranker_dir,
+                          frontend_aging=PARSConfig().aging if aging is None else aging)
     if name == "sjf-priority":
         return PolicySpec(name, scheduling_policy="priority", priorities=[j.max_tokens for j in jobs])
     if name == "pars-priority":
@@ -298,6 +308,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 engine=engine,
                 prompt_token_ids=[j.prompt_token_ids for j in workload.jobs],
                 max_tokens=[j.max_tokens for j in workload.jobs],
+                prompts=[j.prompt for j in workload.jobs],
                 seed=config.seed,
                 progress=config.progress,
                 stats_file=str(out_dir / "logs" / f"{name}.pars-stats.json"),

@@ -15,6 +15,7 @@ COLORS = {
     "pars": "#1f77b4",
     "sjf": "#2ca02c",
     "pars-frozen": "#17becf",
+    "pars-frontend": "#bcbd22",
     "pars-priority": "#9467bd",
     "sjf-priority": "#8c564b",
     "prompt-length": "#7f7f7f",

@@ -89,6 +89,10 @@ class PolicySpec:
     priorities: list[int] | None = None
     # Client-side ranker time per request (pars-priority), measured by the caller.
     client_scoring_s_per_request: float | None = None
+    # A ranker folder the client scores each prompt with *as it arrives*, sending the
+    # score as vLLM's priority (pars-frontend: the ranker in the serving front end).
+    frontend_ranker: str | None = None
+    frontend_aging: float = 0.0
 
 
 @dataclass
@@ -99,6 +103,7 @@ class RunSpec:
     engine: EngineSettings
     prompt_token_ids: list[list[int]]
     max_tokens: list[int]
+    prompts: list[str] | None = None  # the prompt texts (a front-end ranker reads them)
     seed: int = 0
     progress: bool = True
     stats_file: str | None = None  # where PARSScheduler writes its counters
@@ -111,6 +116,8 @@ class RunSpec:
             raise ValueError("every request needs max_tokens >= 1")
         if self.policy.priorities is not None and len(self.policy.priorities) != n:
             raise ValueError(f"{len(self.policy.priorities)} priorities for {n} requests")
+        if self.policy.frontend_ranker is not None and (self.prompts is None or len(self.prompts) != n):
+            raise ValueError("a front-end ranker needs the prompt texts, one per request")
 
     def engine_kwargs(self) -> dict[str, Any]:
         kwargs = self.engine.engine_kwargs()
@@ -279,6 +286,15 @@ async def _serve(conn: Connection, spec: RunSpec, bars: TextIO) -> None:
 
     loop = asyncio.get_running_loop()
     t_start = time.monotonic()
+    frontend = None
+    if spec.policy.frontend_ranker is not None:
+        import torch
+
+        from pars_fast.ranker import Ranker
+
+        torch.set_num_threads(1)  # a front end shares its cores with the engine core
+        frontend = Ranker.load(spec.policy.frontend_ranker, device="cpu")
+        frontend.score(["warm up", "the quick brown fox jumps over the lazy dog " * 20])
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec.engine_kwargs()))
     engine_start_s = time.monotonic() - t_start
     try:
@@ -328,9 +344,11 @@ async def _serve(conn: Connection, spec: RunSpec, bars: TextIO) -> None:
             before = _read_stats(spec.stats_file)
             load_before = _loadavg()
             offsets = arrival_offsets(len(rendered), rate, spec.seed)
-            timings = await _replay(engine, rendered, spec, offsets, params, load, bars)
+            timings, frontend_s = await _replay(engine, rendered, spec, offsets, params, load, bars, frontend)
             scored = _stats_delta(before, _read_stats(spec.stats_file))
             per_request = spec.policy.client_scoring_s_per_request
+            if frontend is not None:
+                per_request = frontend_s / len(timings)
             if scored is not None and scored["requests"] > 0:
                 per_request = scored["scoring_seconds"] / scored["requests"]
             level = {
@@ -365,22 +383,38 @@ async def _submit(engine: Any, request_id: str, prompt: dict[str, Any], params: 
 
 
 async def _replay(
-    engine: Any, rendered: list[dict[str, Any]], spec: RunSpec, offsets: Any, params: Any, load: str, bars: TextIO
-) -> list[RequestTiming]:
-    """Submit every request at its arrival time; wait for all; return their timings."""
+    engine: Any,
+    rendered: list[dict[str, Any]],
+    spec: RunSpec,
+    offsets: Any,
+    params: Any,
+    load: str,
+    bars: TextIO,
+    frontend: Any = None,
+) -> tuple[list[RequestTiming], float]:
+    """Submit every request at its arrival time; wait for all; return their timings and the
+    seconds a front-end ranker spent scoring (0 without one)."""
     from tqdm import tqdm
 
     n = len(rendered)
     priorities = spec.policy.priorities or [0] * n
     bar = tqdm(total=n, desc=f"{spec.policy.name:>13} {load:>5}", unit="req", disable=not spec.progress, file=bars)
     t0 = time.monotonic()
+    frontend_s = 0.0
     submitted: list[tuple[int, float, asyncio.Future]] = []
     for i in range(n):
         delay = t0 + float(offsets[i]) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         submit = time.monotonic()
-        task = await _submit(engine, f"{load}-{i}", rendered[i], params(spec.max_tokens[i]), int(priorities[i]))
+        priority = int(priorities[i])
+        if frontend is not None:
+            # Scored on arrival, in the front end's event loop (as a server would), before
+            # the request reaches the engine; aging as PARSScheduler folds it in.
+            score = float(frontend.score([spec.prompts[i]])[0])  # type: ignore[index]
+            priority = round((score + spec.policy.frontend_aging * (submit - t0)) * 1_000_000)
+            frontend_s += time.monotonic() - submit
+        task = await _submit(engine, f"{load}-{i}", rendered[i], params(spec.max_tokens[i]), priority)
         task.add_done_callback(lambda _t: bar.update(1))
         submitted.append((i, submit, task))
     await asyncio.gather(*(task for _, _, task in submitted))
@@ -413,7 +447,7 @@ async def _replay(
                 preemptions=int(m.num_preemptions) if m is not None else 0,
             )
         )
-    return timings
+    return timings, frontend_s
 
 
 def _loadavg() -> float | None:

@@ -47,11 +47,13 @@ class FallbackConfig:
     Requests it cannot score keep an FCFS key (see ``PARSScheduler``) and serving goes on.
     """
 
-    # Seconds ranking may add to one scheduler step when it runs inline (``worker:
-    # "inline"``): arrivals are scored in chunks sized from the measured cost per prompt,
-    # and what does not fit waits for the next step in FCFS position. None: no limit.
-    # A background worker adds only the microseconds it takes to apply its scores.
-    budget_s: float | None = None
+    # Seconds ranking may add to one scheduler step when a text ranker scores inline:
+    # arrivals are scored in chunks sized from the measured cost per prompt, and what
+    # does not fit waits for the next step in FCFS position. It bounds the stall that
+    # running requests see; a chunk that takes 3x the budget means the ranker is too
+    # slow to run inline, and it rests (retry_after_s). None: no limit. A background
+    # worker adds only the microseconds it takes to apply its scores.
+    budget_s: float | None = 0.1
     # Seconds a background worker may go without returning a score while it has work;
     # then it is declared hung, its requests keep their FCFS keys, and it is restarted.
     deadline_s: float = 30.0

@@ -78,6 +78,9 @@ PRIORITY_UNITS_PER_SCORE = 1_000_000
 # Inline scoring under a time budget starts with chunks this small, until it has
 # measured what a prompt costs.
 FIRST_INLINE_CHUNK = 4
+# An inline chunk sized to fit fallback.budget_s that takes this many times the budget
+# means the ranker is too slow to score inline: it rests (fallback.retry_after_s).
+INLINE_TIME_LIMIT_FACTOR = 3.0
 # The stats file is rewritten at most this often while serving (and always when the
 # engine goes idle and at shutdown).
 STATS_FILE_INTERVAL_S = 1.0
@@ -155,7 +158,9 @@ class PARSScheduler(Scheduler):
             tokenizer = served_tokenizer(vllm_config.model_config)
             if mode == "inline":
                 scorer = build_scorer(config, tokenizer, online=True)
-                self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=config.fallback.budget_s)
+                budget = config.fallback.budget_s
+                limit = None if budget is None else INLINE_TIME_LIMIT_FACTOR * budget
+                self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=limit)
                 scorer.warm_up()
                 self._inline_online = scorer if isinstance(scorer, OnlineScorer) else None
             else:
