@@ -187,6 +187,28 @@ def test_text_ranker_sees_whole_prompts_decoded_by_the_served_tokenizer(build, f
     assert_empty(sched)
 
 
+def test_small_queues_stay_fcfs_until_min_queue(build, factory, tokenizer):
+    """Ranking starts once min_queue requests wait beyond the free slots ("auto": twice
+    max_num_seqs); a shallower queue keeps arrival order and costs no ranker call."""
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=2)
+    assert sched._min_queue == 4
+    t0 = time.time()
+    small = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 5, 1, 7, 3])]
+    for r in small:  # 5 waiting, 2 free: 3 beyond, under 4
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert NumberRanker.calls == [] and admission_order(results) == [r.request_id for r in small]
+    deep = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + 1 + i * 1e-3) for i, n in enumerate([9, 5, 1, 7, 3, 8])]
+    for r in deep:  # 6 waiting, 2 free: 4 beyond
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert sum(map(len, NumberRanker.calls)) == 6
+    assert admission_order(results) == [r.request_id for _, r in sorted(zip([9, 5, 1, 7, 3, 8], deep), key=lambda p: p[0])]
+    stats = sched.pars_stats()
+    assert stats["requests_unranked"] == 5 and stats["requests_scored"] == 6
+    assert_empty(sched)
+
+
 def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, tokenizer):
     sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}}, max_num_seqs=1)
     for n in range(10):
@@ -276,7 +298,7 @@ def test_ranker_scores_with_the_configured_threads_and_restores_torch(build, fac
 
     ThreadCountingRanker.seen = []
     before = torch.get_num_threads()
-    sched = build(pars={"ranker": spec(ThreadCountingRanker), "worker": "inline", "threads": threads}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(ThreadCountingRanker), "worker": "inline", "min_queue": 1, "threads": threads}, max_num_seqs=1)
     for text in ("hello", "world"):  # two for one slot: their order matters, so they are scored
         sched.add_request(factory.make(prompt_ids(tokenizer, text), 2))
     step(sched)
@@ -300,7 +322,7 @@ def test_client_priority_does_not_override_scores(build, factory):
 
 
 def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=2)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "min_queue": 1}, max_num_seqs=2)
     reqs = [factory.make(prompt_ids(tokenizer, f"job {n}"), 3) for n in range(6)]
     for r in reqs:
         sched.add_request(r)
@@ -405,7 +427,7 @@ def test_over_budget_batch_falls_back_then_ranker_rests(build, factory, tokenize
 
 
 def test_on_error_raise_propagates(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "fallback": {"on_error": "raise"}}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "min_queue": 1, "fallback": {"on_error": "raise"}}, max_num_seqs=1)
     for n in (1, 2):
         sched.add_request(factory.make(prompt_ids(tokenizer, f"n {n}"), 2))
     with pytest.raises(RuntimeError, match="ranker exploded"):
@@ -566,6 +588,7 @@ def test_async_scheduling_picks_async_variant(build, factory):
         ({"ranker": "oracle", "cpus": "1-x"}, r'\["cpus"\]: expected'),
         ({"ranker": "oracle", "nice": 40}, r"niceness in 0..19"),
         ({"ranker": "oracle", "fallback": {"deadline_s": 0}}, r"deadline_s: expected a number > 0"),
+        ({"ranker": "oracle", "min_queue": 0}, r'\["min_queue"\]: expected a positive integer'),
     ],
 )
 def test_bad_config_fails_when_the_scheduler_is_built(build, pars, match):

@@ -86,7 +86,8 @@ def build(tiny_llama_dir):
     made: list[PARSScheduler] = []
 
     def _build(mode, ranker_cls=NumberRanker, pars=None, **kwargs):
-        config = {"ranker": spec(ranker_cls), "worker": mode, **(pars or {})}
+        # min_queue 1: rank every queue, however short (these tests are about the worker).
+        config = {"ranker": spec(ranker_cls), "worker": mode, "min_queue": 1, **(pars or {})}
         sched = make_scheduler(PARSScheduler, make_vllm_config(tiny_llama_dir, pars=config, **kwargs))
         made.append(sched)
         return sched

@@ -103,7 +103,13 @@ class PARSConfig:
     # percentile range of 2.8: that range is crossed after 280 s, so SJF order holds
     # through minutes of backlog, and no wait is unbounded. Oracle scores are tokens.
     aging: float = 0.01
-    # Prompt tokens the ranker reads; decoding stops there. None: the ranker's own setting.
+    # Rank only when at least this many requests wait beyond what a step can admit; below
+    # that the queue stays FCFS. "auto": twice max_num_seqs. A queue a few requests deep
+    # gains next to nothing from reordering, and it is where reordering stretches the
+    # tail (docs/BENCHMARKS.md, "When to rank"). The oracle and prompt-length rankers
+    # order every queue (they are references, and cost nothing).
+    min_queue: int | str = "auto"
+    # Prompt tokens a pars_fast ranker reads (its encoder's cut). None: the ranker's own.
     max_prompt_tokens: int | None = None
     # Most prompts scored in one batch. Scores are applied batch by batch, so a smaller
     # batch orders a burst sooner; a larger one costs a little less per prompt.
@@ -183,6 +189,9 @@ class PARSConfig:
             kwargs["ranker"] = str(value).strip()
         if "aging" in raw:
             kwargs["aging"] = _non_negative_float(*raw["aging"])
+        if "min_queue" in raw:
+            value, src = raw["min_queue"]
+            kwargs["min_queue"] = "auto" if value == "auto" else _positive_int(value, src)
         if "max_prompt_tokens" in raw:
             value, src = raw["max_prompt_tokens"]
             kwargs["max_prompt_tokens"] = None if value in (None, "") else _positive_int(value, src)

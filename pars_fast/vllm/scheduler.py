@@ -129,6 +129,7 @@ class PARSScheduler(Scheduler):
         # Preemption victim = max (priority, arrival_time) = longest predicted response.
         self.policy = SchedulingPolicy.PRIORITY
         self._aging = config.aging
+        self._min_queue = config.min_queue if config.min_queue != "auto" else 2 * self.max_num_running_reqs
         self._t0 = time.time()  # priorities count aging from here, to keep the ints small
         self._unscored: dict[str, Request] = {}  # arrival order; not scored, not submitted
         self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
@@ -177,12 +178,13 @@ class PARSScheduler(Scheduler):
             self._trace = TraceWriter(config.trace, tokenizer)
         self._first_scheduled: dict[str, float] = {}  # for traces: when each request was first admitted
         logger.info(
-            "%s: ranker=%s scoring=%s aging=%g/s score_batch_max=%d%s",
+            "%s: ranker=%s scoring=%s aging=%g/s min_queue=%d score_batch_max=%d%s",
             type(self).__name__,
             config.ranker,
             "inline" if self._worker is None else f"{mode} worker (pid {self._worker.info.get('pid')}, "
             f"cpus {self._worker.info.get('cpus', 'any')}, warm-up {self._worker.info.get('warmup_s', 0):.2f} s)",
             self._aging,
+            self._min_queue,
             config.score_batch_max,
             "" if config.fallback.budget_s is None else f" budget_s={config.fallback.budget_s:g}",
         )
@@ -205,10 +207,10 @@ class PARSScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if self._worker is not None:
             self._collect_scores()
-        elif self._unscored and (self._score_everything or self._queue_outgrows_free_slots()):
+        elif self._unscored and (self._score_everything or self._queue_is_deep()):
             self._score_inline()
         output = super().schedule(*args, **kwargs)
-        if self._worker is not None and self._unscored:
+        if self._worker is not None and self._unscored and self._queue_is_deep():
             self._submit_waiting()
         if self._trace is not None and output.scheduled_new_reqs:
             stamp = time.time()
@@ -318,11 +320,15 @@ class PARSScheduler(Scheduler):
     def _priority(self, score: float, arrival_time: float) -> int:
         return round((score + self._aging * (arrival_time - self._t0)) * PRIORITY_UNITS_PER_SCORE)
 
-    def _queue_outgrows_free_slots(self) -> bool:
-        """True when this step cannot admit every waiting request, so their order matters."""
+    def _queue_is_deep(self) -> bool:
+        """True when at least ``min_queue`` requests wait beyond what this step can admit.
+
+        Below that, order is left alone (FCFS): reordering a queue a few requests deep
+        gains next to nothing, and it is where a long request's wait stretches the tail.
+        """
         active_cap = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
         free = active_cap - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0)
-        return len(self.waiting) + len(self.kv_holding_waiting) > max(0, free)
+        return len(self.waiting) + len(self.kv_holding_waiting) - max(0, free) >= self._min_queue
 
     def _job(self, request: Request) -> ScoreJob:
         ids = request.prompt_token_ids
