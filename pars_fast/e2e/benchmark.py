@@ -335,6 +335,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 "model": model,
                 "ranker": ranker_dir,
                 "aging": _effective_aging(config.aging),
+                "min_queue": 2 * config.max_num_seqs,  # PARSScheduler's "auto" (the bench never sets it)
                 "schedule": mode,
                 "environment": environment_info(),
                 "command": " ".join(sys.argv),
