@@ -75,9 +75,9 @@ logger = logging.getLogger("pars_fast.vllm")
 # distinct; small enough that |score| <= 1e9 plus years of aging fit in int64 and in a
 # double's 53-bit mantissa.
 PRIORITY_UNITS_PER_SCORE = 1_000_000
-# Inline scoring under a time budget starts with chunks this small, until it has
-# measured what a prompt costs.
-FIRST_INLINE_CHUNK = 4
+# Inline scoring under a time budget sizes each chunk to fill at most this fraction of
+# what is left of the budget, at the measured cost per prompt (a first chunk is 1 prompt).
+INLINE_BUDGET_MARGIN = 0.5
 # An inline chunk sized to fit fallback.budget_s that takes this many times the budget
 # means the ranker is too slow to score inline: it rests (fallback.retry_after_s).
 INLINE_TIME_LIMIT_FACTOR = 3.0
@@ -137,6 +137,7 @@ class PARSScheduler(Scheduler):
         self.counters = SchedulerCounters()
         self._given_up = ScoringStats()  # requests a hung or dead worker never scored
         self._warned_client_priority = False
+        self._warned_budget = False
         self._next_log = time.monotonic() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
         self._next_stats_write = 0.0
@@ -399,11 +400,21 @@ class PARSScheduler(Scheduler):
         while i < len(pending) and not guard.resting():
             n = batch_max
             if budget is not None and not self._score_everything:
+                # A chunk must fit what is left of the budget. Its size comes from the
+                # measured cost per prompt, with a 2x margin: small chunks cost more per
+                # prompt than the batches the estimate mostly comes from.
                 remaining = budget - (time.perf_counter() - start)
-                if remaining <= 0:
-                    break  # the rest wait for the next step, in FCFS position
                 per_job = guard.seconds_per_job
-                n = min(batch_max, FIRST_INLINE_CHUNK if per_job == 0 else max(1, int(remaining / per_job)))
+                n = 1 if per_job == 0 else min(batch_max, int(INLINE_BUDGET_MARGIN * remaining / per_job))
+                if n < 1 or remaining <= 0:
+                    if i == 0 and not self._warned_budget and per_job > INLINE_BUDGET_MARGIN * budget:
+                        self._warned_budget = True
+                        logger.warning(
+                            "PARS: one prompt costs the ranker %.1f ms, more than half of budget_s=%g s: "
+                            "requests stay in FCFS order until it fits; raise fallback.budget_s or use a cheaper ranker",
+                            per_job * 1e3, budget,
+                        )
+                    break  # the rest wait for the next step, in FCFS position
             chunk = pending[i : i + n]
             i += len(chunk)
             scores = guard.score([self._job(r) for r in chunk])
