@@ -228,7 +228,7 @@ def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, toke
 
 
 def test_score_batch_max_caps_each_batch(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "score_batch_max": 4}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}, "score_batch_max": 4}, max_num_seqs=1)
     for n in range(10):
         sched.add_request(factory.make(prompt_ids(tokenizer, f"number {n}"), 2))
     step(sched)
@@ -298,7 +298,7 @@ def test_ranker_scores_with_the_configured_threads_and_restores_torch(build, fac
 
     ThreadCountingRanker.seen = []
     before = torch.get_num_threads()
-    sched = build(pars={"ranker": spec(ThreadCountingRanker), "worker": "inline", "min_queue": 1, "threads": threads}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(ThreadCountingRanker), "worker": "inline", "fallback": {"budget_s": None}, "min_queue": 1, "threads": threads}, max_num_seqs=1)
     for text in ("hello", "world"):  # two for one slot: their order matters, so they are scored
         sched.add_request(factory.make(prompt_ids(tokenizer, text), 2))
     step(sched)
@@ -322,7 +322,7 @@ def test_client_priority_does_not_override_scores(build, factory):
 
 
 def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "min_queue": 1}, max_num_seqs=2)
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}, "min_queue": 1}, max_num_seqs=2)
     reqs = [factory.make(prompt_ids(tokenizer, f"job {n}"), 3) for n in range(6)]
     for r in reqs:
         sched.add_request(r)
@@ -342,7 +342,7 @@ def test_unscored_requests_are_counted_and_abortable(build, factory, tokenizer):
 
 
 def test_raising_ranker_falls_back_to_fcfs(build, factory, tokenizer, caplog):
-    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "fallback": {"retry_after_s": 0}}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(RaisingRanker), "worker": "inline", "fallback": {"budget_s": None, "retry_after_s": 0}}, max_num_seqs=1)
     rng = random.Random(1)
     t0 = time.time()
     reqs, results = [], []
@@ -398,7 +398,7 @@ def test_nan_scores_fall_back_per_request(build, factory, tokenizer):
 
 
 def test_wrong_length_output_falls_back(build, factory, tokenizer):
-    sched = build(pars={"ranker": spec(ShortRanker), "worker": "inline"}, max_num_seqs=1)
+    sched = build(pars={"ranker": spec(ShortRanker), "worker": "inline", "fallback": {"budget_s": None}}, max_num_seqs=1)
     t0 = time.time()
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
     for r in reqs:
