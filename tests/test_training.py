@@ -111,17 +111,19 @@ def test_full_mode_updates_encoder_and_keeps_best(samples, init_head):
 def test_head_mode_mlp_features_knn_round_trip(samples, tmp_path):
     # The default recipe's head on the module's cached features: seconds.
     train_s, test_s = samples
-    cfg = TrainConfig(mode="head", head="mlp", head_units=64, features=True, knn="blend", knn_k=10, epochs=10)
+    cfg = TrainConfig(mode="head", head="mlp", head_units=64, features=True, knn="blend", knn_k=10, epochs=6)
     result = train(train_s, cfg, progress=False)
     r = result.ranker
     assert r.head_spec.kind == "mlp" and r.head_spec.features and r.head_spec.knn is not None
     assert r.score_head.memory.rows == result.n_train
     assert "knn" in result.best and result.best["knn"]["grid"]
     prompts = [s.prompt for s in test_s]
-    scores = r.score(prompts)
+    from pars_fast.training.trainer import score_samples
+
+    scores = score_samples(r, prompts)  # cached frozen embeddings: no encoder pass
     assert kendall_tau(scores, [s.response_len for s in test_s]) > 0.15
     loaded = Ranker.load(r.save(tmp_path / "r"), backend="hf", device="cpu")
-    assert np.allclose(loaded.score(prompts[:20]), scores[:20], atol=1e-5)
+    assert np.allclose(loaded.score(prompts[:8]), scores[:8], atol=1e-4)  # the real scoring path agrees
     assert loaded.metadata["head"]["kind"] == "mlp"
 
 
