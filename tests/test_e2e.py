@@ -179,8 +179,9 @@ def test_schedulers_scored_the_requests_that_waited(run):
             assert stats["requests"] >= N // 2, (policy, load, stats)  # 4 slots: most of them queued
             assert str(stats["ranker"]).endswith(ranker)
             assert level["summary"]["scoring_ms_per_request"] > 0
-    # PARS scores in a worker process; the oracle inline.
-    assert result["runs"]["pars"]["levels"]["burst"]["pars_stats"]["worker"]["mode"] == "process"
+    # vLLM's CPU backend leaves no spare core (the model's, and the engine core's), so the
+    # ranker scores inline, as the oracle does (tests/test_scheduler_engine.py runs a worker process).
+    assert result["runs"]["pars"]["levels"]["burst"]["pars_stats"]["worker"]["mode"] == "inline"
     assert result["runs"]["sjf"]["levels"]["burst"]["pars_stats"]["worker"]["mode"] == "inline"
     # The online learner starts every level from nothing: reset before each one.
     assert [result["runs"]["pars"]["levels"][load]["pars_stats"]["online"]["resets"] for load in LOADS] == [1, 2]

@@ -153,6 +153,7 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "pars_fast.cli", "serve",
         "--model", str(tiny_llama_dir), "--ranker", f"{__name__}:DigitRanker", "--pars-stats-file", str(stats_file),
+        "--pars-worker", "process",  # the worker process inside a real server (auto scores inline on this CPU)
         "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "1", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
@@ -170,7 +171,8 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
                         break
             except OSError:
                 time.sleep(1)
-        # Three prompts for one slot: two wait, so the ranker (in its worker process) scores them.
+        # Three prompts for one slot: two wait (min_queue "auto" = 2 here), so the ranker,
+        # in its worker process, scores them.
         prompts = ["3 little pigs", "7 dwarfs", "1 ring"]
         body = json.dumps({"model": str(tiny_llama_dir), "prompt": prompts, "max_tokens": 5, "ignore_eos": True})
         req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
