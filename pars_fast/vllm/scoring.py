@@ -187,6 +187,7 @@ class OnlineScorer:
         self.learner: OnlineLearner | None = None  # built on the first batch (its embedding size)
         self._records: dict[str, tuple[float, float, float, np.ndarray | None, int]] = {}
         self._unscored: list[Observation] = []
+        self._resets = 0
 
     def warm_up(self) -> None:
         self.inner.warm_up()
@@ -245,10 +246,11 @@ class OnlineScorer:
         if self.learner is not None:
             self.learner.reset()
         self._unscored.clear()
+        self._resets += 1
 
     def stats(self) -> dict[str, Any]:
         learner = self.learner.stats() if self.learner is not None else OnlineLearner(self.config).stats()
-        return {**learner, "pending_unscored": len(self._unscored)}
+        return {**learner, "resets": self._resets, "pending_unscored": len(self._unscored)}
 
 
 def _threads(n: int | None) -> Any:
