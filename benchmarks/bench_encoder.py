@@ -11,14 +11,17 @@ lists to one float32 score per prompt:
 - ``torch-bf16``: the same in bf16 (fast only where the CPU has native bf16; see
   ``cpu_supports_bf16``, recorded in each result's ``extra_info``);
 - ``hf-1t``, ``torch-fp32-1t``: ``hf`` and ``torch-fp32`` with one intra-op thread
-  (``TorchPackedEncoder(num_threads=1)``), the others use torch's default (all cores).
+  (``TorchPackedEncoder(num_threads=1)``), the others use torch's default (all cores);
+- ``torch-int8-1t``: the packed path with int8 dynamic-quantized GEMMs (the
+  ``"torch-int8"`` backend, what ``PARSScheduler`` scores with on a CPU), one thread.
 
     make bench                                         # everything in benchmarks/
     pytest benchmarks/bench_encoder.py --benchmark-only --benchmark-columns=min,median,rounds
     python benchmarks/bench_encoder.py --rounds 5      # interleaved rounds, prints ratios
 
 Before timing, each provider's scores are checked: fp32 within 1e-4 of ``hf``, bf16
-Kendall tau >= 0.99 against fp32. The machine is shared and noisy, so the script mode
+Kendall tau >= 0.99 against fp32, int8 >= 0.85 (a random head; the trained default
+ranker's int8 scores agree at 0.957 and rank the test split as well, docs/BENCHMARKS.md). The machine is shared and noisy, so the script mode
 interleaves providers round by round and reports per-round ratios as well.
 """
 
@@ -38,7 +41,8 @@ import torch
 N_PROMPTS = 320
 BATCH = 32
 MAX_LEN = 128
-PROVIDERS = ("hf", "torch-fp32", "torch-bf16", "hf-1t", "torch-fp32-1t")
+PROVIDERS = ("hf", "torch-fp32", "torch-bf16", "hf-1t", "torch-fp32-1t", "torch-int8-1t")
+MIN_TAU_INT8 = 0.85
 FP32_ATOL = 1e-4
 MIN_TAU = 0.99
 
@@ -94,6 +98,8 @@ def make_provider(name: str) -> Callable[[list[list[int]]], torch.Tensor]:
         return TorchPackedEncoder(model, head, "cls", dtype=torch.float32, num_threads=1).score
     if name == "torch-bf16":
         return TorchPackedEncoder(model, head, "cls", dtype=torch.bfloat16).score
+    if name == "torch-int8-1t":
+        return TorchPackedEncoder(model, head, "cls", num_threads=1, quantize="int8").score
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
 
 
@@ -111,6 +117,8 @@ def checked_scores(name: str) -> torch.Tensor:
         assert diff <= FP32_ATOL, f"{name} differs from hf by {diff:.2e}"
     if name == "torch-bf16":
         assert kendall_tau(scores, checked_scores("torch-fp32")) >= MIN_TAU
+    if name == "torch-int8-1t":
+        assert kendall_tau(scores, checked_scores("torch-fp32")) >= MIN_TAU_INT8
     return scores
 
 
@@ -197,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name != "hf":
             print(f"{name} max |score - hf| = {(checked_scores(name) - checked_scores('hf')).abs().max():.2e}")
+    if "torch-int8-1t" in names and "torch-fp32-1t" in times:
+        r = sorted(b / t for b, t in zip(times["torch-fp32-1t"], times["torch-int8-1t"]))
+        print(f"torch-int8-1t vs torch-fp32-1t: {r[len(r) // 2]:.2f}x ({r[0]:.2f}-{r[-1]:.2f}); Kendall tau vs fp32 = "
+              f"{kendall_tau(checked_scores('torch-int8-1t'), checked_scores('torch-fp32')):.4f}")
     if "torch-bf16" in names and "torch-fp32" in names:
         print(f"torch-bf16 Kendall tau vs torch-fp32 = "
               f"{kendall_tau(checked_scores('torch-bf16'), checked_scores('torch-fp32')):.4f}")

@@ -42,6 +42,9 @@ class Sample:
     prompt: str
     response_len: int
     response_chars: int | None = None  # characters of the response, where known (PARS's δ unit)
+    # The response was cut (stopped by max_tokens in a serving trace): its true length is
+    # at least response_len. Training uses only the pairs whose order this leaves known.
+    censored: bool = False
 
 
 class DatasetError(ValueError):
@@ -193,12 +196,23 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
 
     Each non-blank line is ``{"prompt": str, "response_len": int}`` or
     ``{"prompt": str, "response": str}`` (length counted in ``tokenizer``); an
-    optional ``"response_chars": int`` is kept (the response's characters).
+    optional ``"response_chars": int`` is kept (the response's characters), and an
+    optional ``"censored": true`` marks a length that is only a lower bound.
+    A serving trace (``PARSScheduler``'s ``"trace"``, rows with ``finish_reason``) is
+    read with its censoring rules instead (:func:`pars_fast.traces.load_trace_samples`).
     Any malformed line raises :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
+    if _is_trace(path):
+        from pars_fast.traces import load_trace_samples
+
+        try:
+            return load_trace_samples(path)
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
+    censored: list[bool] = []
     prompts: list[str] = []
     lengths: list[int | None] = []
     chars: list[int | None] = []
@@ -229,6 +243,10 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
                 lengths.append(None)
             else:
                 raise DatasetError(f"{where}: needs 'response_len' (int) or 'response' (str)")
+            cut = obj.get("censored", False)
+            if not isinstance(cut, bool):
+                raise DatasetError(f"{where}: 'censored' must be true or false, got {cut!r}")
+            censored.append(cut)
             c = obj.get("response_chars", len(obj["response"]) if isinstance(obj.get("response"), str) else None)
             if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
                 raise DatasetError(f"{where}: 'response_chars' must be a non-negative integer, got {c!r}")
@@ -239,7 +257,20 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
         keys = list(responses)
         for i, n in zip(keys, count_tokens([responses[k] for k in keys], tok), strict=True):
             lengths[i] = n
-    return [Sample(p, int(n), c) for p, n, c in zip(prompts, lengths, chars, strict=True)]  # type: ignore[arg-type]
+    return [Sample(p, int(n), c, cut) for p, n, c, cut in zip(prompts, lengths, chars, censored, strict=True)]  # type: ignore[arg-type]
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether the first row of a JSONL file is a serving-trace row."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(obj, dict) and "finish_reason" in obj and "prompt_tokens" in obj
+    return False
 
 
 def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
@@ -252,6 +283,8 @@ def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
             row: dict[str, Any] = {"prompt": s.prompt, "response_len": s.response_len}
             if s.response_chars is not None:
                 row["response_chars"] = s.response_chars
+            if s.censored:
+                row["censored"] = True
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)  # atomic: readers never see a half-written cache
     return path

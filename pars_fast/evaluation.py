@@ -63,10 +63,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.2, help="pair filter for pairwise accuracy")
     parser.add_argument("--backend", default="auto", help="encoder backend (auto, hf, ...)")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--online", action="store_true",
+        help="stream the prompts through the online learner (as PARSScheduler learns from finished requests): "
+        "each is scored, then its true length is revealed; reports tau over the second half of the stream",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="--online: the stream's order")
     parser.add_argument("--json", action="store_true", help="print metrics as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.online:
+        return _run_online(args)
     from pars_fast.data import DatasetError, check_rankable, load_dataset
     from pars_fast.ranker import Ranker, RankerLoadError
 
@@ -98,6 +106,34 @@ def run(args: argparse.Namespace) -> int:
             f"{name} on {args.data}: kendall_tau={metrics['kendall_tau']:.4f} "
             f"pairwise_accuracy={metrics['pairwise_accuracy']:.4f} (delta={args.delta}, {metrics['n_pairs']} pairs) "
             f"spearman={metrics['spearman']:.4f} n={metrics['n']}"
+        )
+    return 0
+
+
+def _run_online(args: argparse.Namespace) -> int:
+    from pars_fast.data import DatasetError, load_dataset
+    from pars_fast.online import stream_eval
+    from pars_fast.ranker import Ranker, RankerLoadError
+
+    if args.baseline is not None:
+        print("pars-fast eval: error: --online streams a ranker, not a baseline", file=sys.stderr)
+        return 2
+    try:
+        samples = load_dataset(args.data, tokenizer=args.tokenizer)
+        ranker = Ranker.load(args.ranker, backend=args.backend, device=args.device)
+        result = stream_eval(ranker, samples, seed=args.seed)
+    except (DatasetError, RankerLoadError, FileNotFoundError, ValueError) as exc:
+        print(f"pars-fast eval: error: {exc}", file=sys.stderr)
+        return 2
+    result = {"ranker": str(args.ranker or "default"), "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    else:
+        half, learner = result["second_half"], result["learner"]
+        print(
+            f"{result['ranker']} on {args.data}, streamed (seed {args.seed}, n={result['n']}); Kendall tau over the "
+            f"second half: frozen {half['frozen']:.4f}, online {half['online']:.4f}, blend {half['blend']:.4f}, "
+            f"prompt length {half['prompt_length']:.4f}; final online weight {learner['weight']:.2f}"
         )
     return 0
 

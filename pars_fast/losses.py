@@ -11,7 +11,12 @@
 * :func:`listmle_loss`: baseline, ListMLE over the whole batch as one list (as in
   vllm-ltr), ties in length broken at random.
 
-All take ``scores [n]`` (float, with grad) and ``lengths [n]`` (int or float).
+All take ``scores [n]`` (float, with grad) and ``lengths [n]`` (int or float). A
+**negative** length ``-L`` is a censored label, "at least L" (a response cut at
+``max_tokens`` in a serving trace): the pairwise loss keeps a pair only when its
+order is known (the shorter one is exact and the longer one, exact or not, is δ
+longer); the pointwise loss only pulls a censored item's score up to its bound; ListMLE
+reads ``L`` as the length.
 """
 
 from __future__ import annotations
@@ -22,17 +27,22 @@ LOSSES = ("pairwise", "pointwise", "listmle")
 
 
 def pair_mask(lengths: torch.Tensor, delta: float = 0.2) -> torch.Tensor:
-    """Bool ``[n, n]``: True at ``(i, j)``, ``i < j``, when the pair passes the δ filter.
+    """Bool ``[n, n]``: True at ``(i, j)``, ``i < j``, when the pair passes the δ filter
+    and its order is known (with censored labels: the shorter one is exact).
 
     Two zero lengths are a tie (0/0), never a pair.
     """
     if not 0.0 <= delta <= 1.0:
         raise ValueError(f"delta must be in [0, 1], got {delta}")
-    length = lengths.to(torch.float64).flatten()
+    raw = lengths.to(torch.float64).flatten()
+    length, exact = raw.abs(), raw >= 0
     diff = (length[:, None] - length[None, :]).abs()
     biggest = torch.maximum(length[:, None], length[None, :])
     # diff >= delta * max avoids a division by zero; tiny slack for float rounding at the boundary.
     keep = (diff > 0) & (diff >= delta * biggest - 1e-9)
+    if not bool(exact.all()):
+        shorter_exact = torch.where(length[:, None] > length[None, :], exact[None, :], exact[:, None])
+        keep &= shorter_exact
     return torch.triu(keep, diagonal=1)
 
 
@@ -51,7 +61,8 @@ def pairwise_margin_loss(
     i, j = pair_mask(lengths, delta).nonzero(as_tuple=True)
     if i.numel() == 0:
         return scores.sum() * 0.0, 0
-    target = torch.sign(lengths[i].to(scores.dtype) - lengths[j].to(scores.dtype))
+    length = lengths.abs().to(scores.dtype)
+    target = torch.sign(length[i] - length[j])
     loss = torch.nn.functional.margin_ranking_loss(scores[i], scores[j], target, margin=margin)
     return loss, int(i.numel())
 
@@ -67,8 +78,11 @@ def pointwise_loss(
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
     scores = scores.flatten()
-    target = (torch.log1p(lengths.to(scores.device).to(scores.dtype).flatten()) - mean) / std
-    return torch.nn.functional.mse_loss(scores, target)
+    raw = lengths.to(scores.device).to(scores.dtype).flatten()
+    target = (torch.log1p(raw.abs()) - mean) / std
+    # A censored item is only pushed up to its bound: no loss once its score is above it.
+    err = torch.where(raw < 0, torch.clamp(target - scores, min=0.0), scores - target)
+    return (err**2).mean()
 
 
 def listmle_loss(
@@ -81,7 +95,7 @@ def listmle_loss(
     permutation (``generator`` makes it reproducible).
     """
     scores = scores.flatten()
-    lengths = lengths.to(scores.device).flatten()
+    lengths = lengths.to(scores.device).flatten().abs()
     n = scores.numel()
     if n == 0:
         return scores.sum() * 0.0

@@ -194,8 +194,10 @@ def test_poisson_level_runs_at_a_multiple_of_the_measured_capacity(run):
     saturated = [result["runs"][p]["levels"]["burst"]["saturated_tps"] for p in POLICIES]
     mean_tokens = np.mean([r["max_tokens"] for r in result["runs"]["fcfs"]["levels"]["burst"]["requests"]])
     assert capacity == pytest.approx(np.median(saturated) / mean_tokens)
-    fcfs_burst = result["runs"]["fcfs"]["levels"]["burst"]["summary"]
-    assert capacity > fcfs_burst["throughput_rps"]  # the burst's half-empty tail is left out
+    # Per policy, the saturated rate beats the burst's overall rate: its half-empty tail is left out.
+    # (Across policies the median need not: one engine can run a burst faster than another's median.)
+    fcfs_burst = result["runs"]["fcfs"]["levels"]["burst"]
+    assert fcfs_burst["saturated_tps"] / mean_tokens > fcfs_burst["summary"]["throughput_rps"]
     expected = arrival_offsets(N, 2 * capacity, SEED)
     for policy in POLICIES:
         level = result["runs"][policy]["levels"]["2x"]

@@ -146,3 +146,42 @@ def test_gradient_pushes_longer_prompt_up():
 def test_compute_loss_unknown():
     with pytest.raises(ValueError, match="unknown loss"):
         compute_loss("hinge", torch.zeros(2), torch.tensor([1, 2]))
+
+
+def test_censored_pairs_are_kept_only_when_their_order_is_known():
+    """-L = "at least L": a pair is known when its shorter member is exact."""
+    # 10 exact, 30 censored (>= 30), 20 exact, 50 censored (>= 50)
+    lengths = torch.tensor([10.0, -30.0, 20.0, -50.0])
+    mask = pair_mask(lengths, delta=0.2)
+    got = {(int(i), int(j)) for i, j in mask.nonzero().tolist()}
+    # (10, >=30), (10, 20), (10, >=50), (>=30 vs 20: 20 is shorter and exact), (20, >=50).
+    # Not (>=30, >=50): either could be longer.
+    assert got == {(0, 1), (0, 2), (0, 3), (1, 2), (2, 3)}
+    # Brute force over random labels: known <=> shorter one exact, and the delta filter.
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(1, 200, (30,), generator=g).float() * torch.where(torch.rand(30, generator=g) < 0.4, -1.0, 1.0)
+    mask = pair_mask(raw, 0.2)
+    for i in range(30):
+        for j in range(i + 1, 30):
+            a, b = abs(raw[i].item()), abs(raw[j].item())
+            shorter_exact = (raw[j] >= 0) if a > b else (raw[i] >= 0)
+            want = a != b and abs(a - b) >= 0.2 * max(a, b) and bool(shorter_exact)
+            assert bool(mask[i, j]) == want, (raw[i], raw[j])
+
+
+def test_censored_labels_in_the_losses():
+    scores = torch.tensor([0.0, 5.0, 1.0], requires_grad=True)
+    # The censored item (>= 30) scored high: no pointwise loss pulls it down...
+    lengths = torch.tensor([10.0, -30.0, 20.0])
+    mean, std = 0.0, 1.0
+    loss = pointwise_loss(scores, lengths, mean, std)
+    want = ((0.0 - math.log1p(10)) ** 2 + 0.0 + (1.0 - math.log1p(20)) ** 2) / 3  # 5 > log1p(30): no loss
+    assert loss.item() == pytest.approx(want)
+    # ... and when below its bound, it is pulled up like an exact label.
+    low = pointwise_loss(torch.tensor([0.0, 1.0, 1.0]), lengths, mean, std)
+    assert low.item() == pytest.approx(((math.log1p(10)) ** 2 + (math.log1p(30) - 1) ** 2 + (1 - math.log1p(20)) ** 2) / 3)
+    # The pairwise loss uses exactly the known pairs, with the true direction.
+    loss, n = pairwise_margin_loss(scores, lengths, delta=0.2, margin=1.0)
+    assert n == 3  # (10, >=30), (10, 20), (>=30 > 20)
+    pairs = [(1, 0), (2, 0), (1, 2)]  # (longer, shorter)
+    assert loss.item() == pytest.approx(sum(max(0.0, 1.0 - (scores[a] - scores[b]).item()) for a, b in pairs) / 3)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pars_fast.online import OnlineConfig, OnlineLearner, known_pair_accuracy, stream_eval
+from pars_fast.online import OnlineConfig, OnlineLearner, known_pair_accuracy
 
 
 def brute_force_accuracy(pred, length, exact, delta):
@@ -170,16 +170,18 @@ def test_config_forms():
     assert OnlineConfig.parse(OnlineConfig().to_dict(), "online") == OnlineConfig()
 
 
-def test_stream_eval_learns_code_lengths_a_chat_ranker_cannot_rank(minilm_dir):
-    """HumanEval through a MiniLM ranker whose head knows nothing: the blend learns, from the
-    stream itself, what the prompt length says about solution length."""
-    from pars_fast.data import load_humaneval
+def test_stream_eval_learns_code_lengths_a_chat_ranker_cannot_rank(minilm_dir, tmp_path, capsys):
+    """`pars-fast eval --online`: HumanEval through a MiniLM ranker whose head knows nothing.
+    The blend learns, from the stream itself, what prompt length says about solution length."""
+    import json
+
+    from pars_fast.cli import main
     from pars_fast.ranker import Ranker
 
-    ranker = Ranker.from_backbone(minilm_dir, backend="torch", device="cpu", seed=0)
-    samples = load_humaneval()
-    out = stream_eval(ranker, samples, seed=0)
+    folder = Ranker.from_backbone(minilm_dir, device="cpu", seed=0).save(tmp_path / "untrained")
+    assert main(["eval", "--online", "--ranker", str(folder), "--data", "humaneval", "--backend", "torch", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     second = out["second_half"]
-    assert out["n"] == 164 and out["learner"]["observed"] == 164
+    assert out["n"] == 164 and out["learner"]["observed"] == 164 and out["data"] == "humaneval"
     assert out["learner"]["weight"] > 0.8
     assert second["blend"] > 0.25 and second["blend"] > second["frozen"] + 0.15

@@ -140,20 +140,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
-    """`pars-fast serve` starts vLLM's OpenAI server with PARS and serves a completion."""
+def test_pars_fast_serve_answers_completions_and_its_trace_trains_a_ranker(tiny_llama_dir, tmp_path, monkeypatch):
+    """`pars-fast serve` starts vLLM's OpenAI server with PARS: it serves completions, writes a
+    trace of what finished, and `pars-fast train --data` trains a ranker on that trace."""
     import signal
     import subprocess
     import sys
     import urllib.request
 
+    from pars_fast.cli import main
+    from pars_fast.ranker import Ranker
+    from pars_fast.traces import iter_trace_rows
+
     port = _free_port()
     stats_file = tmp_path / "serve-stats.json"
+    trace = tmp_path / "trace.jsonl"
     log = (tmp_path / "server.log").open("w")
     cmd = [
         sys.executable, "-m", "pars_fast.cli", "serve",
         "--model", str(tiny_llama_dir), "--ranker", f"{__name__}:DigitRanker", "--pars-stats-file", str(stats_file),
         "--pars-worker", "process",  # the worker process inside a real server (auto scores inline on this CPU)
+        "--additional-config", json.dumps({"pars": {"trace": {"path": str(trace), "prompts": True}}}),
         "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "1", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
@@ -172,17 +179,31 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
             except OSError:
                 time.sleep(1)
         # Three prompts for one slot: two wait (min_queue "auto" = 2 here), so the ranker,
-        # in its worker process, scores them.
+        # in its worker process, scores them (40 tokens each: long enough for its answer to come back).
         prompts = ["3 little pigs", "7 dwarfs", "1 ring"]
-        body = json.dumps({"model": str(tiny_llama_dir), "prompt": prompts, "max_tokens": 5, "ignore_eos": True})
+        body = json.dumps({"model": str(tiny_llama_dir), "prompt": prompts, "max_tokens": 40, "ignore_eos": True})
         req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             completion = json.loads(resp.read())
-        assert completion["usage"]["completion_tokens"] == 5 * len(prompts)
+        assert completion["usage"]["completion_tokens"] == 40 * len(prompts)
         stats = json.loads(stats_file.read_text())  # rewritten when the engine went idle
         assert stats["ranker"].endswith(":DigitRanker") and stats["worker"]["mode"] == "process"
         assert stats["requests_scored"] + stats["requests_unranked"] == len(prompts)
         assert stats["requests_scored"] >= 2 and stats["requests_fallback"] == 0
+        # Traffic for the trace: the random model stops when it samples one of ~1/8 of the
+        # vocabulary (a "stop", an exact label) or at max_tokens (a "length", censored).
+        stop_ids = list(range(1000, 30000, 8))
+        topics = ["tea", "chess", "rivers", "jazz", "rome", "bees", "clouds", "maps", "salt", "ink", "owls", "glass"]
+        for i, topic in enumerate(topics * 2):
+            body = json.dumps({"model": str(tiny_llama_dir), "prompt": f"tell me about {topic} ({i})",
+                               "max_tokens": 24, "stop_token_ids": stop_ids, "seed": i})
+            req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                json.loads(resp.read())
+        expected = len(prompts) + 2 * len(topics)
+        deadline = time.monotonic() + 30  # the trace writer is a background thread
+        while (len(list(iter_trace_rows(trace))) if trace.exists() else 0) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its engine core, which we started
         try:
@@ -191,3 +212,12 @@ def test_pars_fast_serve_answers_completions(tiny_llama_dir, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+    rows = list(iter_trace_rows(trace))
+    assert len(rows) == expected and {r["finish_reason"] for r in rows} == {"stop", "length"}
+    assert all(r["prompt"] and r["prompt_tokens"] > 0 and r["queue_wait_s"] is not None for r in rows)
+    scored = [r for r in rows if r["score"] is not None]
+    assert len(scored) == stats["scores_applied"] >= 2  # the score each request was ordered by
+    monkeypatch.setenv("PARS_FAST_HOME", str(tmp_path / "home"))
+    out = tmp_path / "from-trace"
+    assert main(["train", "--data", str(trace), "--mode", "head", "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+    assert Ranker.load(out, backend="torch", device="cpu").metadata["training_data"]["n_train"] > 0

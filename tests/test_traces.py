@@ -81,3 +81,66 @@ def test_config_forms():
     assert TraceConfig.parse(None, "trace") is None and TraceConfig.parse(False, "trace") is None
     assert TraceConfig.parse("t.jsonl", "trace") == TraceConfig(path="t.jsonl")
     assert TraceConfig.parse(TraceConfig("x").to_dict(), "trace") == TraceConfig("x")
+
+
+def _trace_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _row(i, prompt, tokens, reason):
+    return {"request_id": f"r{i}", "arrival_time": 1.0, "finish_time": 2.0, "prompt_tokens": 7, "output_tokens": tokens,
+            "finish_reason": reason, "score": None, "queue_wait_s": 0.1, "ranker": "default", "prompt": prompt}
+
+
+def test_trace_samples_carry_the_censoring(tmp_path):
+    from pars_fast.data import load_dataset, load_jsonl, save_jsonl
+    from pars_fast.traces import load_trace_samples
+
+    path = _trace_rows(tmp_path / "trace.jsonl", [
+        _row(0, "short question?", 12, "stop"),
+        _row(1, "write an essay", 64, "length"),  # cut at max_tokens: at least 64
+        _row(2, "aborted one", 3, "abort"),  # no label
+        _row(3, "", 5, "stop"),  # no prompt text
+        _row(4, "another", 40, "stop"),
+    ])
+    samples = load_trace_samples(path)
+    assert [(s.prompt, s.response_len, s.censored) for s in samples] == [
+        ("short question?", 12, False), ("write an essay", 64, True), ("another", 40, False)]
+    # load_jsonl (and so `pars-fast train --data trace.jsonl`) recognizes a trace.
+    assert load_jsonl(path) == samples and load_dataset(str(path)) == samples
+    # A plain JSONL keeps the flag through a round trip.
+    assert load_jsonl(save_jsonl(samples, tmp_path / "plain.jsonl")) == samples
+
+
+def test_a_trace_without_prompts_says_how_to_write_one(tmp_path):
+    from pars_fast.data import DatasetError, load_jsonl
+
+    rows = [dict(_row(i, "x", 10 + i, "stop")) for i in range(3)]
+    for r in rows:
+        del r["prompt"]
+    path = _trace_rows(tmp_path / "trace.jsonl", rows)
+    with pytest.raises(DatasetError, match='"prompts": true'):
+        load_jsonl(path)
+
+
+def test_pars_fast_train_trains_on_a_trace(tmp_path, minilm_dir, monkeypatch):
+    """`pars-fast train --data trace.jsonl`: censored rows are used only where their order is known."""
+    import numpy as np
+
+    monkeypatch.setenv("PARS_FAST_HOME", str(tmp_path / "home"))
+    from pars_fast.cli import main
+    from pars_fast.ranker import Ranker
+
+    rng = np.random.default_rng(0)
+    kinds = [("answer yes or no: is {} good?", 5, "stop"), ("summarize {} in two sentences", 40, "stop"),
+             ("write a long essay about {}", 64, "length")]  # essays are all cut at max_tokens=64
+    topics = ["tea", "chess", "rivers", "jazz", "rome", "bees", "clouds", "maps", "salt", "ink"]
+    rows = [_row(i, t.format(topics[i % 10]) + f" ({i})", int(n + rng.integers(0, 4)) if r == "stop" else n, r)
+            for i, (t, n, r) in enumerate(kinds[i % 3] for i in range(60))]
+    path = _trace_rows(tmp_path / "trace.jsonl", rows)
+    out = tmp_path / "ranker"
+    assert main(["train", "--data", str(path), "--mode", "head", "--epochs", "40", "--no-progress", "--out", str(out)]) == 0
+    ranker = Ranker.load(out, backend="torch", device="cpu")
+    scores = ranker.score(["answer yes or no: is wine good?", "write a long essay about wine"])
+    assert scores[1] > scores[0]  # learned from the trace, censored essays included

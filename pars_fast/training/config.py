@@ -122,13 +122,17 @@ def step_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.n
 
 
 def loss_lengths(samples: Sequence[Sample], unit: str) -> np.ndarray:
-    """The lengths the loss orders and δ-filters by: response tokens, or characters (PARS's code)."""
+    """The lengths the loss orders and δ-filters by: response tokens, or characters (PARS's code).
+
+    A censored sample's length is negated: "at least L" (``pars_fast.losses``).
+    """
+    sign = np.array([-1.0 if s.censored else 1.0 for s in samples], dtype=np.float32)
     if unit == "tokens":
-        return np.array([s.response_len for s in samples], dtype=np.float32)
+        return sign * np.array([s.response_len for s in samples], dtype=np.float32)
     missing = sum(s.response_chars is None for s in samples)
     if missing:
         raise ValueError(f"delta_unit='chars' needs response characters; {missing} samples lack them")
-    return np.array([s.response_chars for s in samples], dtype=np.float32)
+    return sign * np.array([s.response_chars for s in samples], dtype=np.float32)
 
 
 __all__ = [

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pars_fast.data import Sample, check_rankable, fingerprint, length_stats
+from pars_fast.losses import pair_mask
 from pars_fast.ranker import Ranker, RankerConfig
 from pars_fast.training.cache import encode_features
 from pars_fast.training.config import MODE_DEFAULTS, TrainConfig, TrainResult, loss_lengths, split_validation
@@ -60,8 +61,9 @@ def train(
         check_rankable(samples, cfg.delta, what=f"training subset (max_train={cfg.max_train})")
     train_s, val_s = split_validation(samples, cfg.val_frac, cfg.max_val, cfg.seed)
     check_rankable(train_s, cfg.delta, what="training data (after the validation slice)")
-    if val_s and len({s.response_len for s in val_s}) < 2:
-        val_s = []
+    val_s = [s for s in val_s if not s.censored]  # checkpoints are chosen on exact labels only
+    if val_s and not bool(pair_mask(torch.tensor([s.response_len for s in val_s]), cfg.delta).any()):
+        val_s = []  # no pair to judge a checkpoint by: keep the last one
 
     torch.manual_seed(cfg.seed)
     ranker = Ranker.from_backbone(backbone, ranker_config, backend="hf", device=device, seed=cfg.seed)
@@ -72,7 +74,7 @@ def train(
     loss_len = torch.from_numpy(loss_lengths(train_s, cfg.delta_unit))
     token_len = torch.tensor([s.response_len for s in train_s], dtype=torch.float32)
     val_lengths = np.array([s.response_len for s in val_s], dtype=np.float64)
-    log_len = torch.log1p(loss_len)
+    log_len = torch.log1p(loss_len.abs())
     loss_kw = {
         "delta": cfg.delta,
         "margin": cfg.margin,
