@@ -255,7 +255,7 @@ def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokeni
     prompt); the rest wait, unscored, for the next step. Nothing is dropped."""
     TimedRanker.calls = []
     budget = 0.1
-    pars = {"ranker": spec(TimedRanker), "worker": "inline", "fallback": {"budget_s": budget}}
+    pars = {"ranker": spec(TimedRanker), "worker": "inline", "fallback": {"budget_s": budget, "max_share": None}}
     sched = build(pars=pars, max_num_seqs=1)
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(60)]
     for r in reqs:
@@ -276,6 +276,32 @@ def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokeni
     # The last few were admitted with nothing left behind them: no score needed.
     assert stats["requests_scored"] == sum(TimedRanker.calls) >= 50 and stats["requests_fallback"] == 0
     assert stats["requests_scored"] + stats["requests_unranked"] == 60
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
+    assert_empty(sched)
+
+
+@pytest.mark.parametrize("max_share", [0.1, None])
+def test_max_share_stops_ranking_that_costs_more_than_it_can_gain(build, factory, tokenizer, max_share):
+    """fallback.max_share: once the engine's seconds per finished request are known, a
+    ranker whose prompt costs more than max_share of that stops scoring inline: the queue
+    is served in FCFS order, nothing lost. Without the cap it scores every waiting request."""
+    TimedRanker.calls = []
+    pars = {"ranker": spec(TimedRanker), "worker": "inline", "min_queue": 1,
+            "fallback": {"budget_s": 0.05, "max_share": max_share}}
+    sched = build(pars=pars, max_num_seqs=1)
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(40)]
+    for r in reqs:
+        sched.add_request(r)
+    results = []
+    while sched.has_requests():  # a request per step: ~10 ms of "model" each, 10 ms per prompt ranked
+        results.append(step(sched))
+        time.sleep(0.01)
+    stats = sched.pars_stats()
+    if max_share is None:
+        assert stats["share_limited_steps"] == 0 and stats["requests_scored"] >= 30
+    else:  # ranked until the engine's cost per request was known (8 finishes), then FCFS
+        assert 0 < stats["requests_scored"] <= 24 and stats["share_limited_steps"] > 0
+    assert stats["requests_scored"] + stats["requests_unranked"] == 40 and stats["requests_fallback"] == 0
     assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
     assert_empty(sched)
 
@@ -675,7 +701,7 @@ def test_serve_merges_pars_options_into_vllm_args():
     assert extra["pars"] == {
         "aging": 0.5,
         "ranker": "oracle",
-        "fallback": {"budget_s": 2.0, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
+        "fallback": {"budget_s": 2.0, "max_share": 0.1, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
     }
 
 

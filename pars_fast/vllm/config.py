@@ -54,6 +54,12 @@ class FallbackConfig:
     # slow to run inline, and it rests (retry_after_s). None: no limit. A background
     # worker adds only the microseconds it takes to apply its scores.
     budget_s: float | None = 0.1
+    # Rank inline only while one prompt costs the ranker at most this share of the
+    # engine's time per request (measured over the last finishes). Inline scoring is
+    # serial with the model: where a prompt costs a large part of what serving it costs
+    # (short responses, a slow CPU), scoring slows the engine, which deepens the queue,
+    # which calls for more scoring; there FCFS order is the better one. None: always rank.
+    max_share: float | None = 0.1
     # Seconds a background worker may go without returning a score while it has work;
     # then it is declared hung, its requests keep their FCFS keys, and it is restarted.
     deadline_s: float = 30.0
@@ -81,12 +87,17 @@ class FallbackConfig:
         budget = value.get("budget_s", cls.budget_s)
         if budget is not None:
             budget = _positive_float(budget, f"{source}.budget_s")
+        share = value.get("max_share", cls.max_share)
+        if share is not None:
+            share = _positive_float(share, f"{source}.max_share")
+            if share > 1:
+                raise PARSConfigError(f"{source}.max_share: expected a fraction in (0, 1], got {share!r}")
         deadline = _positive_float(value.get("deadline_s", cls.deadline_s), f"{source}.deadline_s")
         retry = _non_negative_float(value.get("retry_after_s", cls.retry_after_s), f"{source}.retry_after_s")
         on_error = value.get("on_error", cls.on_error)
         if on_error not in ("fcfs", "raise"):
             raise PARSConfigError(f"{source}.on_error: expected 'fcfs' or 'raise', got {on_error!r}")
-        return cls(budget_s=budget, deadline_s=deadline, retry_after_s=retry, on_error=on_error)
+        return cls(budget_s=budget, max_share=share, deadline_s=deadline, retry_after_s=retry, on_error=on_error)
 
 
 @dataclass(frozen=True)

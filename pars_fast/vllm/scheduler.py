@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,18 +85,23 @@ INLINE_TIME_LIMIT_FACTOR = 3.0
 # The stats file is rewritten at most this often while serving (and always when the
 # engine goes idle and at shutdown).
 STATS_FILE_INTERVAL_S = 1.0
+# fallback.max_share compares a prompt's ranking cost with the engine's seconds per
+# request over this many finishes, once at least MIN_FINISHES have been seen.
+FINISH_WINDOW = 64
+MIN_FINISHES = 8
 
 
 @dataclass
 class SchedulerCounters:
     """What the scheduler did with scores (the worker counts what it scored)."""
 
-    requests_unranked: int = 0  # finished without ever needing a score (admitted at once)
+    requests_unranked: int = 0  # finished unscored (admitted at once, or ranked FCFS under fallback.max_share)
     scores_applied: int = 0  # scores that re-keyed a live request
     scores_late: int = 0  # scores that came back after their request finished or was aborted
     rekeyed_waiting: int = 0
     rekeyed_running: int = 0  # scored after admission: the score orders preemption only
     online_resets: int = 0  # reset_prefix_cache() calls that cleared the online learner
+    share_limited_steps: int = 0  # steps that skipped inline ranking: it would cost over fallback.max_share
 
 
 class PARSScheduler(Scheduler):
@@ -138,6 +144,8 @@ class PARSScheduler(Scheduler):
         self._given_up = ScoringStats()  # requests a hung or dead worker never scored
         self._warned_client_priority = False
         self._warned_budget = False
+        # When the last requests finished, for the engine's seconds per request (max_share).
+        self._finish_times: deque[float] = deque(maxlen=FINISH_WINDOW)
         self._next_log = time.monotonic() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
         self._next_stats_write = 0.0
@@ -229,6 +237,7 @@ class PARSScheduler(Scheduler):
     # vLLM: Scheduler._free_request (every finish and abort passes here)
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         rid = request.request_id
+        self._finish_times.append(time.perf_counter())
         unscored = self._unscored.pop(rid, None) is not None
         if unscored:
             self.counters.requests_unranked += 1
@@ -388,14 +397,33 @@ class PARSScheduler(Scheduler):
             )
         )
 
+    def _ranking_pays(self) -> bool:
+        """``fallback.max_share``: rank inline only while a prompt costs the ranker at most
+        this share of the engine's time per finished request (over the last finishes).
+
+        Scoring inline is serial with the model. Where it costs a large part of what serving
+        a request costs (short responses, a slow CPU), it slows the engine, which deepens the
+        queue, which calls for more scoring; then FCFS is the better order.
+        """
+        share = self.pars_config.fallback.max_share
+        per_job = self._guard.seconds_per_job if self._guard is not None else 0.0
+        if share is None or self._score_everything or per_job == 0 or len(self._finish_times) < MIN_FINISHES:
+            return True
+        per_request = (self._finish_times[-1] - self._finish_times[0]) / (len(self._finish_times) - 1)
+        return per_job <= share * per_request
+
     def _score_inline(self) -> None:
-        """Score unscored requests in this step, within ``fallback.budget_s`` if one is set."""
+        """Score unscored requests in this step, within ``fallback.budget_s`` if one is set
+        (and not at all while ranking would cost more than ``fallback.max_share``)."""
         guard = self._guard
         assert guard is not None
         pending = list(self._unscored.values())
         budget = self.pars_config.fallback.budget_s
         batch_max = self.pars_config.score_batch_max
         start = time.perf_counter()
+        if not self._ranking_pays():
+            self.counters.share_limited_steps += 1  # FCFS keys: a prompt costs too much of a request
+            return
         i = 0
         while i < len(pending) and not guard.resting():
             n = batch_max
