@@ -485,6 +485,7 @@ def _stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         "unranked": int(d("requests_unranked")),
         "skipped": int(d("requests_skipped")),
         "late": int(d("scores_late")),
+        "share_limited_steps": int(d("share_limited_steps")),  # ranking skipped: it would cost over max_share
         "ranker": after.get("ranker"),
         "worker": after.get("worker"),
         "online": after.get("online"),  # the learner at the end of the level (reset before it)

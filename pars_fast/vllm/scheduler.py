@@ -86,7 +86,7 @@ INLINE_TIME_LIMIT_FACTOR = 3.0
 # engine goes idle and at shutdown).
 STATS_FILE_INTERVAL_S = 1.0
 # fallback.max_share compares a prompt's ranking cost with the engine's seconds per
-# request over this many finishes, once at least MIN_FINISHES have been seen.
+# request: the mean gap between its last finishes while busy, once MIN_FINISHES are known.
 FINISH_WINDOW = 64
 MIN_FINISHES = 8
 
@@ -144,8 +144,9 @@ class PARSScheduler(Scheduler):
         self._given_up = ScoringStats()  # requests a hung or dead worker never scored
         self._warned_client_priority = False
         self._warned_budget = False
-        # When the last requests finished, for the engine's seconds per request (max_share).
-        self._finish_times: deque[float] = deque(maxlen=FINISH_WINDOW)
+        # Seconds between the last finishes while the engine was busy (fallback.max_share).
+        self._finish_gaps: deque[float] = deque(maxlen=FINISH_WINDOW)
+        self._last_finish: float | None = None
         self._next_log = time.monotonic() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
         self._next_stats_write = 0.0
@@ -237,7 +238,10 @@ class PARSScheduler(Scheduler):
     # vLLM: Scheduler._free_request (every finish and abort passes here)
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         rid = request.request_id
-        self._finish_times.append(time.perf_counter())
+        now = time.perf_counter()
+        if self._last_finish is not None:
+            self._finish_gaps.append(now - self._last_finish)
+        self._last_finish = now
         unscored = self._unscored.pop(rid, None) is not None
         if unscored:
             self.counters.requests_unranked += 1
@@ -250,6 +254,7 @@ class PARSScheduler(Scheduler):
             self._trace_row(request, score)
         freed = super()._free_request(request, *args, **kwargs)
         if not self.requests:  # idle now: send what finished, and the stats file shows the final counts
+            self._last_finish = None  # an idle gap is not the engine's time per request
             self._flush_observations()
             self._write_stats()
         return freed
@@ -407,10 +412,9 @@ class PARSScheduler(Scheduler):
         """
         share = self.pars_config.fallback.max_share
         per_job = self._guard.seconds_per_job if self._guard is not None else 0.0
-        if share is None or self._score_everything or per_job == 0 or len(self._finish_times) < MIN_FINISHES:
+        if share is None or self._score_everything or per_job == 0 or len(self._finish_gaps) < MIN_FINISHES:
             return True
-        per_request = (self._finish_times[-1] - self._finish_times[0]) / (len(self._finish_times) - 1)
-        return per_job <= share * per_request
+        return per_job <= share * (sum(self._finish_gaps) / len(self._finish_gaps))
 
     def _score_inline(self) -> None:
         """Score unscored requests in this step, within ``fallback.budget_s`` if one is set
