@@ -25,6 +25,25 @@ DEMO_N = 100
 DEMO_MAX_RESPONSE_TOKENS = 512
 
 
+def verdict(result: dict) -> list[str]:
+    """One plain line per load: did PARS beat FCFS on mean latency here, and by how much."""
+    runs = result["runs"]
+    if "pars" not in runs or "fcfs" not in runs:
+        return []
+    lines = []
+    for load in result["loads"]:
+        fcfs = runs["fcfs"]["levels"][load]["summary"]["latency_mean"]
+        pars = runs["pars"]["levels"][load]["summary"]["latency_mean"]
+        ratio = fcfs / pars
+        if ratio >= 1.0:
+            lines.append(f"Verdict ({load}): PARS beat FCFS on mean latency, {ratio:.2f}x ({pars:.2f} s vs {fcfs:.2f} s).")
+        else:
+            lines.append(
+                f"Verdict ({load}): PARS was SLOWER than FCFS on mean latency, {ratio:.2f}x ({pars:.2f} s vs {fcfs:.2f} s)."
+            )
+    return lines
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_e2e_arguments(parser, n=DEMO_N, loads="burst", out="pars-fast-demo")
     parser.set_defaults(max_response_tokens=DEMO_MAX_RESPONSE_TOKENS)
@@ -61,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(result))
     print()
     print(ratio_table(result))
+    print()
+    for line in verdict(result):
+        print(line)
     print()
     print(
         "How to read it: latency is arrival -> last token; 'norm.' is latency per output token, which shows "

@@ -268,3 +268,22 @@ def test_report_tables_and_plots(tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     assert "Capacity 3.300 req/s" in files["markdown"].read_text()
     assert "t_latency_cdf.png" in markdown_report(result, [files["cdf"]])
+
+
+def test_demo_verdict_tells_the_truth_both_ways():
+    from pars_fast.demo import verdict
+
+    def level(mean):
+        return {"summary": {"latency_mean": mean}}
+
+    result = {
+        "loads": ["burst", "3x"],
+        "runs": {
+            "fcfs": {"levels": {"burst": level(10.0), "3x": level(4.0)}},
+            "pars": {"levels": {"burst": level(8.0), "3x": level(5.0)}},
+        },
+    }
+    burst, heavy = verdict(result)
+    assert burst.startswith("Verdict (burst): PARS beat FCFS") and "1.25x" in burst
+    assert heavy.startswith("Verdict (3x): PARS was SLOWER than FCFS") and "0.80x" in heavy
+    assert verdict({"loads": ["burst"], "runs": {"fcfs": {}}}) == []  # no PARS run, no verdict
