@@ -300,9 +300,16 @@ def test_max_share_stops_ranking_that_costs_more_than_it_can_gain(build, factory
     if max_share is None:
         assert stats["share_limited_steps"] == 0 and stats["requests_scored"] >= 30
     else:  # ranked until the engine's cost per request was known (8 finishes), then FCFS
-        assert 0 < stats["requests_scored"] <= 30 and stats["share_limited_steps"] > 0
+        assert 0 < stats["requests_scored"] <= 35 and stats["share_limited_steps"] > 0
     assert stats["requests_scored"] + stats["requests_unranked"] == 40 and stats["requests_fallback"] == 0
-    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
+    # Idle, the engine measures afresh: the next burst is ranked again (and warm-ups or an
+    # earlier workload never decide for the next one).
+    more = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(4)]
+    for r in more:
+        sched.add_request(r)
+    results += run_until_idle(sched)
+    assert sched.pars_stats()["requests_scored"] > stats["requests_scored"]
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs + more)
     assert_empty(sched)
 
 
@@ -701,7 +708,7 @@ def test_serve_merges_pars_options_into_vllm_args():
     assert extra["pars"] == {
         "aging": 0.5,
         "ranker": "oracle",
-        "fallback": {"budget_s": 2.0, "max_share": 0.1, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
+        "fallback": {"budget_s": 2.0, "max_share": 0.2, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
     }
 
 

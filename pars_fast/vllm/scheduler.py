@@ -254,7 +254,10 @@ class PARSScheduler(Scheduler):
             self._trace_row(request, score)
         freed = super()._free_request(request, *args, **kwargs)
         if not self.requests:  # idle now: send what finished, and the stats file shows the final counts
-            self._last_finish = None  # an idle gap is not the engine's time per request
+            # An idle gap is not the engine's time per request, and what finished before it
+            # (warm-ups, another workload) is not what comes next: measure afresh.
+            self._last_finish = None
+            self._finish_gaps.clear()
             self._flush_observations()
             self._write_stats()
         return freed
