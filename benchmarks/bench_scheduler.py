@@ -309,7 +309,9 @@ class _ServingWorkload:
         if provider.startswith("pars"):
             pars = {"ranker": ranker_folder, "backend": "torch-int8", "log_interval_s": 0, "online": False,
                     "worker": "process" if provider == "pars-process" else "auto",
-                    "fallback": {"budget_s": budget_s, "retry_after_s": 0}}
+                    # max_share off: the model-free steps here finish requests in microseconds, so
+                    # it would stop ranking at once; this measures what budget_s bounds.
+                    "fallback": {"budget_s": budget_s, "max_share": None, "retry_after_s": 0}}
         config = make_vllm_config(model_dir, max_num_seqs=running, max_num_batched_tokens=8192,
                                   num_blocks=(waiting + 4 * running) * 8, pars=pars)
         self.sched = make_scheduler(PARSScheduler if pars else Scheduler, config)

@@ -86,7 +86,8 @@ INLINE_TIME_LIMIT_FACTOR = 3.0
 # engine goes idle and at shutdown).
 STATS_FILE_INTERVAL_S = 1.0
 # fallback.max_share compares a prompt's ranking cost with the engine's seconds per
-# request: the mean gap between its last finishes while busy, once MIN_FINISHES are known.
+# request: the mean gap between its last finishes while busy, less the inline ranking
+# inside each gap, once MIN_FINISHES are known.
 FINISH_WINDOW = 64
 MIN_FINISHES = 8
 
@@ -147,6 +148,7 @@ class PARSScheduler(Scheduler):
         # Seconds between the last finishes while the engine was busy (fallback.max_share).
         self._finish_gaps: deque[float] = deque(maxlen=FINISH_WINDOW)
         self._last_finish: float | None = None
+        self._ranking_since_finish = 0.0  # inline ranking inside the current gap: not the model's time
         self._next_log = time.monotonic() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
         self._next_stats_write = 0.0
@@ -240,8 +242,10 @@ class PARSScheduler(Scheduler):
         rid = request.request_id
         now = time.perf_counter()
         if self._last_finish is not None:
-            self._finish_gaps.append(now - self._last_finish)
+            # Without the ranking's own stalls: they would make an expensive ranker look cheap.
+            self._finish_gaps.append(max(0.0, now - self._last_finish - self._ranking_since_finish))
         self._last_finish = now
+        self._ranking_since_finish = 0.0
         unscored = self._unscored.pop(rid, None) is not None
         if unscored:
             self.counters.requests_unranked += 1
@@ -456,6 +460,7 @@ class PARSScheduler(Scheduler):
             for request, score in zip(chunk, scores.tolist()):
                 del self._unscored[request.request_id]
                 self._apply(request, score)
+        self._ranking_since_finish += time.perf_counter() - start
         if guard.resting():  # a failure paused the ranker: the rest keep FCFS keys for good
             rest = [r for r in pending[i:] if r.request_id in self._unscored]
             for r in rest:
