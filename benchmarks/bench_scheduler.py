@@ -397,7 +397,7 @@ def test_step_no_queue(benchmark, model_dir, ranker_folder):
 def test_step_deep_queue(benchmark, model_dir, ranker_folder):
     """1,000 waiting and 8 new arrivals per step: what ranking adds to a step, inline under
     ``budget_s`` (bounded by it) and with the ranker in its worker process (never waits)."""
-    budget_s = 0.02
+    budget_s = 0.05
     _machine(benchmark, budget_s=budget_s)
     stats, pars = _serving(benchmark, model_dir, ranker_folder, "deep queue", ["pars", "pars-process", "vllm-fcfs"],
                            rounds=150, running=64, waiting=1000, arrive=8, budget_s=budget_s)
