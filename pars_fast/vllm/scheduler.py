@@ -90,6 +90,8 @@ STATS_FILE_INTERVAL_S = 1.0
 # inside each gap, once MIN_FINISHES are known.
 FINISH_WINDOW = 64
 MIN_FINISHES = 8
+# Seconds of inline ranking allowed after an idle period before MIN_FINISHES are known.
+WARMUP_RANKING_S = 1.0
 
 
 @dataclass
@@ -149,6 +151,7 @@ class PARSScheduler(Scheduler):
         self._finish_gaps: deque[float] = deque(maxlen=FINISH_WINDOW)
         self._last_finish: float | None = None
         self._ranking_since_finish = 0.0  # inline ranking inside the current gap: not the model's time
+        self._ranking_since_idle = 0.0  # until MIN_FINISHES are known, at most WARMUP_RANKING_S of it
         self._next_log = time.monotonic() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
         self._next_stats_write = 0.0
@@ -262,6 +265,7 @@ class PARSScheduler(Scheduler):
             # (warm-ups, another workload) is not what comes next: measure afresh.
             self._last_finish = None
             self._finish_gaps.clear()
+            self._ranking_since_idle = 0.0
             self._flush_observations()
             self._write_stats()
         return freed
@@ -419,8 +423,12 @@ class PARSScheduler(Scheduler):
         """
         share = self.pars_config.fallback.max_share
         per_job = self._guard.seconds_per_job if self._guard is not None else 0.0
-        if share is None or self._score_everything or per_job == 0 or len(self._finish_gaps) < MIN_FINISHES:
+        if share is None or self._score_everything or per_job == 0:
             return True
+        if len(self._finish_gaps) < MIN_FINISHES:
+            # Not measured yet. Ranking stalls delay the first finishes too (a short request
+            # needs tens of steps), so an expensive ranker could rank a whole burst first.
+            return self._ranking_since_idle < WARMUP_RANKING_S
         return per_job <= share * (sum(self._finish_gaps) / len(self._finish_gaps))
 
     def _score_inline(self) -> None:
@@ -461,6 +469,7 @@ class PARSScheduler(Scheduler):
                 del self._unscored[request.request_id]
                 self._apply(request, score)
         self._ranking_since_finish += time.perf_counter() - start
+        self._ranking_since_idle += time.perf_counter() - start
         if guard.resting():  # a failure paused the ranker: the rest keep FCFS keys for good
             rest = [r for r in pending[i:] if r.request_id in self._unscored]
             for r in rest:
