@@ -136,11 +136,14 @@ def test_json_summary_has_every_metric(run):
 def test_oracle_sjf_beats_fcfs_in_a_burst(run):
     result, _ = run
     burst = {p: result["runs"][p]["levels"]["burst"]["summary"] for p in POLICIES}
+    # Each engine's latencies in units of its own makespan: the engines' speeds differ from
+    # run to run on a shared machine (by 20% here), the order's effect is what is tested.
+    rel = {p: s["latency_mean"] / s["makespan_s"] for p, s in burst.items()}
     # Shortest-first minimizes the mean completion time of jobs queued together.
-    assert burst["sjf"]["latency_mean"] <= burst["fcfs"]["latency_mean"], burst
+    assert rel["sjf"] <= rel["fcfs"], burst
     # PARS's first admissions go before any score is back (the step never waits for the
     # ranker), so in a burst this small it gains less than SJF, but it must not lose.
-    assert burst["pars"]["latency_mean"] <= 1.05 * burst["fcfs"]["latency_mean"], burst
+    assert rel["pars"] <= 1.05 * rel["fcfs"], burst
 
 
 def test_pars_leaves_the_long_requests_for_last(run):
