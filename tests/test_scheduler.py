@@ -280,6 +280,33 @@ def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokeni
     assert_empty(sched)
 
 
+class ColdStartRanker:
+    """Its first call is slow (a cold start: 80 ms), every later prompt costs 2 ms."""
+
+    calls: list[int] = []
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        time.sleep(0.08 if not ColdStartRanker.calls else 0.002 * len(prompts))
+        ColdStartRanker.calls.append(len(prompts))
+        return np.array([_first_number(p) for p in prompts], dtype=np.float32)
+
+
+def test_one_slow_first_call_does_not_keep_the_ranker_out(build, factory, tokenizer):
+    """A cold first prompt measured at 80 ms, over half of budget_s = 0.1: one prompt still
+    fits a step, so the scheduler scores it, the cost estimate comes down, and the queue
+    is ranked (it used to stay FCFS for good)."""
+    ColdStartRanker.calls = []
+    pars = {"ranker": spec(ColdStartRanker), "worker": "inline", "fallback": {"budget_s": 0.1, "max_share": None}}
+    sched = build(pars=pars, max_num_seqs=1)
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(40)]
+    for r in reqs:
+        sched.add_request(r)
+    results = run_until_idle(sched)
+    assert len(ColdStartRanker.calls) > 2 and sched.pars_stats()["requests_scored"] >= 30
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
+    assert_empty(sched)
+
+
 @pytest.mark.parametrize("max_share", [0.1, None])
 def test_max_share_stops_ranking_that_costs_more_than_it_can_gain(build, factory, tokenizer, max_share):
     """fallback.max_share: once the engine's seconds per finished request are known, a

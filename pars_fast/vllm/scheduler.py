@@ -453,11 +453,15 @@ class PARSScheduler(Scheduler):
                 remaining = budget - (time.perf_counter() - start)
                 per_job = guard.seconds_per_job
                 n = 1 if per_job == 0 else min(batch_max, int(INLINE_BUDGET_MARGIN * remaining / per_job))
+                if n < 1 and i == 0 and 0 < per_job <= remaining:
+                    # One prompt fits: score it. This also re-measures a cost that a cold first
+                    # call inflated; without it, one slow call would keep the ranker out for good.
+                    n = 1
                 if n < 1 or remaining <= 0:
-                    if i == 0 and not self._warned_budget and per_job > INLINE_BUDGET_MARGIN * budget:
+                    if i == 0 and not self._warned_budget and per_job > budget:
                         self._warned_budget = True
                         logger.warning(
-                            "PARS: one prompt costs the ranker %.1f ms, more than half of budget_s=%g s: "
+                            "PARS: one prompt costs the ranker %.1f ms, more than budget_s=%g s: "
                             "requests stay in FCFS order until it fits; raise fallback.budget_s or use a cheaper ranker",
                             per_job * 1e3, budget,
                         )
