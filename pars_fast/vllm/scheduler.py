@@ -436,13 +436,13 @@ class PARSScheduler(Scheduler):
         (and not at all while ranking would cost more than ``fallback.max_share``)."""
         guard = self._guard
         assert guard is not None
+        if not self._ranking_pays():
+            self.counters.share_limited_steps += 1  # FCFS keys: a prompt costs too much of a request
+            return
         pending = list(self._unscored.values())
         budget = self.pars_config.fallback.budget_s
         batch_max = self.pars_config.score_batch_max
         start = time.perf_counter()
-        if not self._ranking_pays():
-            self.counters.share_limited_steps += 1  # FCFS keys: a prompt costs too much of a request
-            return
         i = 0
         while i < len(pending) and not guard.resting():
             n = batch_max
@@ -472,8 +472,9 @@ class PARSScheduler(Scheduler):
             for request, score in zip(chunk, scores.tolist()):
                 del self._unscored[request.request_id]
                 self._apply(request, score)
-        self._ranking_since_finish += time.perf_counter() - start
-        self._ranking_since_idle += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        self._ranking_since_finish += spent
+        self._ranking_since_idle += spent
         if guard.resting():  # a failure paused the ranker: the rest keep FCFS keys for good
             rest = [r for r in pending[i:] if r.request_id in self._unscored]
             for r in rest:
