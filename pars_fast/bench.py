@@ -67,6 +67,9 @@ def add_e2e_arguments(parser: argparse.ArgumentParser, *, n: int, loads: str, ou
                    help=f"comma-separated: 'burst' and/or multiples of the measured capacity (default {loads})")
     g.add_argument("--capacity", type=float, default=None, help="capacity in req/s; default: measured from the FCFS burst")
     g.add_argument("--seed", type=int, default=0, help="fixes the sampled requests and the arrival times")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="serve every load this many times per policy, in rotation; each ratio is then the median of "
+                   "the back-to-back pairs, with its range (default 1; this noisy 2-core machine needs 3+)")
     g.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip samples with longer prompts (default 1024)")
     g.add_argument("--max-response-tokens", type=int, default=None, help="clip responses to this many tokens (default: no clip)")
     g = parser.add_argument_group("policies")
@@ -109,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         aging=args.aging,
         capacity_rps=args.capacity,
         seed=args.seed,
+        repeats=args.repeats,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_prompt_tokens=args.max_prompt_tokens,

@@ -2,8 +2,8 @@
 
 One run serves the whole module, through the CLI (``pars-fast bench e2e``): 30
 requests, FCFS / PARS / oracle SJF, a burst and Poisson arrivals at 2x the measured
-capacity. The three engines start in parallel (~1-2 min on 2 cores), the six levels
-take well under a minute.
+capacity, each served twice (``--repeats 2``). The three engines start in parallel
+(~1-2 min on 2 cores), the twelve levels take about a minute.
 
 PARS uses a small ranker trained here (head mode, ~10-30 s) on synthetic prompts
 whose wording tells their length class, so it can rank without the default ranker
@@ -30,6 +30,7 @@ N = 30
 POLICIES = ("fcfs", "pars", "sjf")
 LOADS = ("burst", "2x")
 SEED = 3
+REPEATS = 2
 
 TOPICS = [
     "the ocean", "tax law", "a red bicycle", "quantum computers", "medieval castles", "jazz music",
@@ -92,6 +93,7 @@ def run(home, ranker_dir, tiny_llama_dir, tmp_path_factory):
         "--max-num-seqs", "4",  # 30 requests on 4 slots: a real queue, where order matters
         "--max-model-len", "512",
         "--seed", str(SEED),
+        "--repeats", str(REPEATS),
         "--timeout", "600",
         "--no-progress",
         "--out", str(out),
@@ -186,21 +188,37 @@ def test_schedulers_scored_the_requests_that_waited(run):
     # ranker scores inline, as the oracle does (tests/test_scheduler_engine.py runs a worker process).
     assert result["runs"]["pars"]["levels"]["burst"]["pars_stats"]["worker"]["mode"] == "inline"
     assert result["runs"]["sjf"]["levels"]["burst"]["pars_stats"]["worker"]["mode"] == "inline"
-    # The online learner starts every level from nothing: reset before each one.
-    assert [result["runs"]["pars"]["levels"][load]["pars_stats"]["online"]["resets"] for load in LOADS] == [1, 2]
+    # The online learner starts every level from nothing: reset before each one (repeats too).
+    levels = result["runs"]["pars"]["levels"]
+    resets = [r["pars_stats"]["online"]["resets"] for load in LOADS for r in levels[load]["repeats"]]
+    assert resets == list(range(1, len(LOADS) * REPEATS + 1))
+
+
+def test_repeats_are_kept_and_summarized(run):
+    result, out = run
+    for policy in POLICIES:
+        for load in LOADS:
+            level = result["runs"][policy]["levels"][load]
+            means = [r["summary"]["latency_mean"] for r in level["repeats"]]
+            assert len(means) == REPEATS
+            assert level["summary"]["latency_mean"] == pytest.approx(np.median(means))
+    for load in LOADS:
+        for label, (lo, hi) in result["comparison_ranges"][load].items():
+            assert lo <= result["comparisons"][load][label] <= hi, (load, label)
+    assert f"served {REPEATS} times per policy" in (out / "results.md").read_text()
 
 
 def test_poisson_level_runs_at_a_multiple_of_the_measured_capacity(run):
     result, _ = run
     capacity = result["capacity_rps"]
-    # The median over the policies' bursts of the tokens/s served with every slot busy, per request.
-    saturated = [result["runs"][p]["levels"]["burst"]["saturated_tps"] for p in POLICIES]
+    # The median over every burst (policies and repeats) of the tokens/s served with every slot busy, per request.
+    bursts = [r for p in POLICIES for r in result["runs"][p]["levels"]["burst"]["repeats"]]
     mean_tokens = np.mean([r["max_tokens"] for r in result["runs"]["fcfs"]["levels"]["burst"]["requests"]])
-    assert capacity == pytest.approx(np.median(saturated) / mean_tokens)
-    # Per policy, the saturated rate beats the burst's overall rate: its half-empty tail is left out.
-    # (Across policies the median need not: one engine can run a burst faster than another's median.)
-    fcfs_burst = result["runs"]["fcfs"]["levels"]["burst"]
-    assert fcfs_burst["saturated_tps"] / mean_tokens > fcfs_burst["summary"]["throughput_rps"]
+    assert capacity == pytest.approx(np.median([r["saturated_tps"] for r in bursts]) / mean_tokens)
+    # Per burst, the saturated rate beats the burst's overall rate: its half-empty tail is left out.
+    # (Across bursts the median need not: one engine can run a burst faster than another's median.)
+    for burst in bursts:
+        assert burst["saturated_tps"] / mean_tokens > burst["summary"]["throughput_rps"]
     expected = arrival_offsets(N, 2 * capacity, SEED)
     for policy in POLICIES:
         level = result["runs"][policy]["levels"]["2x"]

@@ -287,3 +287,29 @@ def test_demo_verdict_tells_the_truth_both_ways():
     assert burst.startswith("Verdict (burst): PARS beat FCFS") and "1.25x" in burst
     assert heavy.startswith("Verdict (3x): PARS was SLOWER than FCFS") and "0.80x" in heavy
     assert verdict({"loads": ["burst"], "runs": {"fcfs": {}}}) == []  # no PARS run, no verdict
+
+
+def test_repeats_report_medians_and_the_paired_range():
+    from pars_fast.e2e.benchmark import comparison_ranges, comparisons, with_repeat
+
+    def level(mean, tps):
+        summary = {"latency_mean": mean, "throughput_tps": tps, "scoring_ms_per_request": None}
+        return {"rate_rps": None, "summary": summary, "pars_stats": {"first": mean}, "requests": [mean]}
+
+    fcfs, pars = level(10.0, 100.0), level(10.0, 90.0)
+    for f, p in ((12.0, 6.0), (11.0, 12.0)):
+        fcfs, pars = with_repeat(fcfs, level(f, 80.0)), with_repeat(pars, level(p, 130.0))
+    assert fcfs["summary"]["latency_mean"] == 11.0 and pars["summary"]["latency_mean"] == 10.0  # medians
+    assert fcfs["summary"]["throughput_tps"] == 80.0  # 100, 80, 80
+    assert pars["summary"]["scoring_ms_per_request"] is None  # missing in every repeat stays missing
+    assert len(pars["repeats"]) == 3 and pars["requests"] == [10.0] and pars["pars_stats"] == {"first": 10.0}
+
+    runs = {"fcfs": {"levels": {"burst": fcfs}}, "pars": {"levels": {"burst": pars}}}
+    # Paired FCFS/PARS: 10/10, 12/6, 11/12 -> median 1.0 (the medians' ratio would say 1.1).
+    assert comparisons(runs, ["burst"])["burst"]["FCFS/PARS mean latency"] == 1.0
+    lo, hi = comparison_ranges(runs, ["burst"])["burst"]["FCFS/PARS mean latency"]
+    assert (round(lo, 3), hi) == (0.917, 2.0)
+
+    result = {"loads": ["burst"], "comparisons": comparisons(runs, ["burst"]),
+              "comparison_ranges": comparison_ranges(runs, ["burst"])}
+    assert "1.00× (0.92–2.00)" in ratio_table(result)

@@ -37,6 +37,7 @@ Policies (``POLICIES``):
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -80,6 +81,11 @@ class BenchConfig:
     aging: float | None = None  # PARSScheduler aging; None: the scheduler's default
     capacity_rps: float | None = None  # None: measure it from the FCFS burst
     seed: int = 0
+    # Each load is served this many times per policy (the same stream, policies in
+    # rotation). A level's summary is then the per-metric median over its repeats and
+    # each ratio the median over the back-to-back pairs, with the pairs' range: one run
+    # per policy cannot tell a 10% effect from this machine's noise.
+    repeats: int = 1
     max_num_seqs: int = 8
     max_model_len: int = 2048
     max_prompt_tokens: int = 1024
@@ -114,6 +120,8 @@ class BenchConfig:
             raise ValueError("no loads given")
         if len({load_name(f) for f in self.loads}) != len(self.loads):
             raise ValueError(f"loads must be distinct, got {[load_name(f) for f in self.loads]}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.n < 1 or self.max_num_seqs < 1:
             raise ValueError(f"n and max_num_seqs must be >= 1, got {self.n}, {self.max_num_seqs}")
         if self.capacity_rps is not None and not self.capacity_rps > 0:
@@ -350,6 +358,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
             "runs": runs,
             "calibration": state.calibration,
             "comparisons": comparisons(runs, load_names) if done else {},
+            "comparison_ranges": comparison_ranges(runs, load_names) if done and config.repeats > 1 else {},
         }
         path = out_dir / "results.json"
         tmp = path.with_name(path.name + ".tmp")
@@ -374,11 +383,14 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 handle.start()
             for name, handle in engines.items():
                 state.started(name, handle.wait_ready())
-            for k, factor in enumerate(loads_plan):
-                # Rotate who goes first at each level, so no policy always runs right after another's load.
-                order = policies[k % len(policies):] + policies[: k % len(policies)]
-                for name in order:
-                    state.run(name, engines[name], factor)
+            turn = 0
+            for factor in loads_plan:
+                for _ in range(_repeats(config, factor)):
+                    # Rotate who goes first at each turn, so no policy always runs right after another's load.
+                    order = policies[turn % len(policies):] + policies[: turn % len(policies)]
+                    turn += 1
+                    for name in order:
+                        state.run(name, engines[name], factor)
                 state.level_done(factor)
         else:
             for name, handle in engines.items():
@@ -388,7 +400,8 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 for factor in loads_plan:
                     if factor is _CALIBRATION and state.capacity is not None:
                         continue
-                    state.run(name, handle, factor)
+                    for _ in range(_repeats(config, factor)):
+                        state.run(name, handle, factor)
                     state.level_done(factor)  # one engine at a time: the first policy's burst sets the capacity
                 handle.close()
     finally:
@@ -402,6 +415,10 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
 
 # Marks the capacity-only burst in a load plan (a burst that was not asked for).
 _CALIBRATION: Any = "calibration"
+
+
+def _repeats(config: BenchConfig, factor: Any) -> int:
+    return 1 if factor is _CALIBRATION else config.repeats
 
 
 class _RunState:
@@ -422,7 +439,7 @@ class _RunState:
         self.on_level = on_level
         self.runs: dict[str, dict[str, Any]] = {}
         self.calibration: dict[str, Any] | None = None
-        self.burst_tps: dict[str, float] = {}  # policy -> saturated tokens/s of its burst
+        self.burst_tps: dict[str, list[float]] = {}  # policy -> saturated tokens/s of each of its bursts
 
     def started(self, name: str, info: dict[str, Any]) -> None:
         self.runs[name] = {
@@ -448,14 +465,15 @@ class _RunState:
             tps = saturated_tps(timings, self.slots)
             level["saturated_tps"] = tps
             if tps is not None:
-                self.burst_tps[name] = tps
+                self.burst_tps.setdefault(name, []).append(tps)
         if calibration:
             self.calibration = self.calibration or {}
             self.calibration[name] = level
             self.on_level()
             self.log(f"  {name:>13} calibration burst: {level.get('saturated_tps') or 0:.0f} tok/s with every slot busy")
             return
-        self.runs[name]["levels"][load] = level
+        levels = self.runs[name]["levels"]
+        levels[load] = with_repeat(levels[load], level) if load in levels else level
         self.on_level()
         self.log(
             f"  {name:>13} {load:>5}: mean latency {s['latency_mean']:.2f} s, P90 {s['latency_p90']:.2f} s, "
@@ -468,9 +486,9 @@ class _RunState:
             return
         if not self.burst_tps:
             raise BenchError("no burst kept every slot busy, so the capacity is unknown; pass --capacity")
-        tps = float(np.median(list(self.burst_tps.values())))
+        tps = float(np.median([v for runs in self.burst_tps.values() for v in runs]))
         self.capacity = tps / self.mean_tokens
-        per_policy = ", ".join(f"{k} {v:.0f}" for k, v in self.burst_tps.items())
+        per_policy = ", ".join(f"{k} {'/'.join(f'{x:.0f}' for x in v)}" for k, v in self.burst_tps.items())
         self.log(f"  capacity: {self.capacity:.3f} req/s = median {tps:.0f} tok/s with every slot busy ({per_policy}) "
                  f"/ {self.mean_tokens:.0f} tokens per request")
 
@@ -520,14 +538,67 @@ RATIOS = (
 )
 
 
+def with_repeat(level: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """``level`` served once more: every repeat's summary is kept under ``repeats`` and
+    the level's ``summary`` becomes their per-metric median (``requests`` and
+    ``pars_stats`` stay the first repeat's)."""
+    repeats = level.get("repeats") or [_repeat_entry(level)]
+    merged = dict(level, repeats=[*repeats, _repeat_entry(again)])
+    merged["summary"] = median_summary([r["summary"] for r in merged["repeats"]])
+    return merged
+
+
+def _repeat_entry(level: dict[str, Any]) -> dict[str, Any]:
+    keys = ("summary", "pars_stats", "loadavg", "saturated_tps")
+    return {k: level[k] for k in keys if k in level}
+
+
+def median_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-metric median over repeats (a metric missing from every repeat stays None)."""
+    out: dict[str, Any] = {}
+    for key in summaries[0]:
+        values = [float(s[key]) for s in summaries if _finite(s.get(key))]
+        out[key] = float(np.median(values)) if values else summaries[0][key]
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _paired_ratios(runs: dict[str, Any], load: str, a: str, b: str, key: str) -> list[float]:
+    """``a``/``b`` for each repeat, pairing the k-th run of one with the k-th of the other
+    (served back to back, so a slow minute hits both)."""
+    la, lb = runs[a]["levels"][load], runs[b]["levels"][load]
+    sa = [r["summary"] for r in la.get("repeats") or [la]]
+    sb = [r["summary"] for r in lb.get("repeats") or [lb]]
+    return [r for r in (ratio(x, y, key) for x, y in zip(sa, sb)) if math.isfinite(r)]
+
+
 def comparisons(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Side-by-side ratios per load, for the policies that ran."""
+    """Side-by-side ratios per load, for the policies that ran: with repeats, the median
+    of the paired ratios."""
     out: dict[str, dict[str, float]] = {}
     for load in loads:
         row = {}
         for label, a, b, key in RATIOS:
             if a in runs and b in runs:
-                row[label] = ratio(runs[a]["levels"][load]["summary"], runs[b]["levels"][load]["summary"], key)
+                pairs = _paired_ratios(runs, load, a, b, key)
+                row[label] = float(np.median(pairs)) if pairs else math.nan
+        out[load] = row
+    return out
+
+
+def comparison_ranges(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """[min, max] of each ratio's paired repeats: how far one run could have misled."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for load in loads:
+        row = {}
+        for label, a, b, key in RATIOS:
+            if a in runs and b in runs:
+                pairs = _paired_ratios(runs, load, a, b, key)
+                if pairs:
+                    row[label] = [min(pairs), max(pairs)]
         out[load] = row
     return out
 
@@ -541,6 +612,7 @@ __all__ = [
     "BenchError",
     "RunError",
     "client_priorities",
+    "comparison_ranges",
     "comparisons",
     "make_policy",
     "run_benchmark",

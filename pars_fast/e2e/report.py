@@ -73,12 +73,19 @@ def _machine_load(loadavg: Sequence[float | None] | None) -> str:
 def ratio_table(result: dict[str, Any]) -> str:
     """The side-by-side ratios (``result["comparisons"]``), one row per load."""
     comps = result["comparisons"]
+    ranges = result.get("comparison_ranges") or {}
     labels = list(next(iter(comps.values()), {}).keys())
     if not labels:
         return ""
     lines = ["| load | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for load in result["loads"]:
-        cells = [_fmt(comps[load].get(label), "{:.2f}×", 1.0) for label in labels]
+        cells = []
+        for label in labels:
+            cell = _fmt(comps[load].get(label), "{:.2f}×", 1.0)
+            lo_hi = ranges.get(load, {}).get(label)
+            if lo_hi is not None:
+                cell += f" ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})"
+            cells.append(cell)
         lines.append(f"| {load} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,6 +112,10 @@ def markdown_report(result: dict[str, Any], plots: Sequence[Path] = ()) -> str:
         "",
         ratio_table(result),
     ]
+    repeats = cfg.get("repeats", 1)
+    if repeats > 1:
+        lines.insert(3, f"Every load served {repeats} times per policy, in rotation: each table cell is the median over "
+                        "the repeats; each ratio is the median of the back-to-back pairs, with their range in brackets.")
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
     return "\n".join(lines) + "\n"
