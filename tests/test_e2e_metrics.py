@@ -287,6 +287,13 @@ def test_demo_verdict_tells_the_truth_both_ways():
     assert burst.startswith("Verdict (burst): PARS beat FCFS") and "1.25x" in burst
     assert heavy.startswith("Verdict (3x): PARS was SLOWER than FCFS") and "0.80x" in heavy
     assert verdict({"loads": ["burst"], "runs": {"fcfs": {}}}) == []  # no PARS run, no verdict
+    # Repeats: the paired median decides, and pairs on both sides of 1 are called noise.
+    result["comparisons"] = {"burst": {"FCFS/PARS mean latency": 1.1}, "3x": {"FCFS/PARS mean latency": 1.2}}
+    result["comparison_ranges"] = {"burst": {"FCFS/PARS mean latency": [0.9, 1.3]},
+                                   "3x": {"FCFS/PARS mean latency": [1.1, 1.3]}}
+    burst, heavy = verdict(result)
+    assert burst.startswith("Verdict (burst): no clear winner") and "pairs 0.90-1.30x" in burst
+    assert heavy.startswith("Verdict (3x): PARS beat FCFS") and "1.20x" in heavy
 
 
 def test_repeats_report_medians_and_the_paired_range():
