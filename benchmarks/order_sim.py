@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             ("FCFS/SJF mean latency", "fcfs", "sjf", 0),
             ("FCFS/PARS mean norm. latency", "fcfs", "pars", 1),
         ):
-            measured = f"{engine[num][col] / engine[den][col]:.2f}×" if num in engine and den in engine else "–"
+            paired = result.get("comparisons", {}).get(load, {}).get(label)  # with --repeats: median of pairs
+            if paired is not None:
+                measured = f"{paired:.2f}×"
+            else:
+                measured = f"{engine[num][col] / engine[den][col]:.2f}×" if num in engine and den in engine else "–"
             if den == "pars-ungated":
                 measured = "–"
             print(f"| {load} | {label} | {ideal[num][col] / ideal[den][col]:.2f}× | {measured} |")
