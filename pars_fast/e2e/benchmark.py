@@ -566,41 +566,37 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _paired_ratios(runs: dict[str, Any], load: str, a: str, b: str, key: str) -> list[float]:
-    """``a``/``b`` for each repeat, pairing the k-th run of one with the k-th of the other
-    (served back to back, so a slow minute hits both)."""
-    la, lb = runs[a]["levels"][load], runs[b]["levels"][load]
-    sa = [r["summary"] for r in la.get("repeats") or [la]]
-    sb = [r["summary"] for r in lb.get("repeats") or [lb]]
-    return [r for r in (ratio(x, y, key) for x, y in zip(sa, sb)) if math.isfinite(r)]
-
-
-def comparisons(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Side-by-side ratios per load, for the policies that ran: with repeats, the median
-    of the paired ratios."""
-    out: dict[str, dict[str, float]] = {}
-    for load in loads:
-        row = {}
-        for label, a, b, key in RATIOS:
-            if a in runs and b in runs:
-                pairs = _paired_ratios(runs, load, a, b, key)
-                row[label] = float(np.median(pairs)) if pairs else math.nan
-        out[load] = row
-    return out
-
-
-def comparison_ranges(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, list[float]]]:
-    """[min, max] of each ratio's paired repeats: how far one run could have misled."""
+def paired_ratios(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """Each ratio of ``RATIOS`` (for the policies that ran) per load, once per repeat:
+    the k-th run of one policy over the k-th of the other (served back to back, so a
+    slow minute hits both)."""
     out: dict[str, dict[str, list[float]]] = {}
     for load in loads:
         row = {}
         for label, a, b, key in RATIOS:
             if a in runs and b in runs:
-                pairs = _paired_ratios(runs, load, a, b, key)
-                if pairs:
-                    row[label] = [min(pairs), max(pairs)]
+                la, lb = runs[a]["levels"][load], runs[b]["levels"][load]
+                sa = [r["summary"] for r in la.get("repeats") or [la]]
+                sb = [r["summary"] for r in lb.get("repeats") or [lb]]
+                row[label] = [r for r in (ratio(x, y, key) for x, y in zip(sa, sb)) if math.isfinite(r)]
         out[load] = row
     return out
+
+
+def comparisons(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Side-by-side ratios per load: with repeats, the median of the paired ratios."""
+    return {
+        load: {label: float(np.median(pairs)) if pairs else math.nan for label, pairs in row.items()}
+        for load, row in paired_ratios(runs, loads).items()
+    }
+
+
+def comparison_ranges(runs: dict[str, Any], loads: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """[min, max] of each ratio's paired repeats: how far one run could have misled."""
+    return {
+        load: {label: [min(pairs), max(pairs)] for label, pairs in row.items() if pairs}
+        for load, row in paired_ratios(runs, loads).items()
+    }
 
 
 __all__ = [
@@ -615,5 +611,6 @@ __all__ = [
     "comparison_ranges",
     "comparisons",
     "make_policy",
+    "paired_ratios",
     "run_benchmark",
 ]
