@@ -93,20 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import kendalltau
 
     from pars_fast import Ranker
-    from pars_fast.e2e.benchmark import BenchConfig, prepare_workload
+    from pars_fast.e2e.benchmark import BenchConfig, prepare_workload, resolve_model, resolve_ranker
 
     result = json.loads(args.results.read_text())
     meta = result["meta"]
     config = BenchConfig(**{k: v for k, v in meta["config"].items() if k in BenchConfig.__dataclass_fields__})
-    workload = prepare_workload(config, meta["model"])
+    # As the run did: its own model and ranker paths if they are still there, else rebuilt the same way.
+    model = meta["model"] if Path(meta["model"]).is_dir() else resolve_model(config.model)
+    workload = prepare_workload(config, model)
     lengths = np.array([job.max_tokens for job in workload.jobs], dtype=np.float64)
 
     from transformers import AutoTokenizer
 
     # The scheduler sees token ids and decodes them with the served model's tokenizer.
-    tokenizer = AutoTokenizer.from_pretrained(meta["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer.decode(job.prompt_token_ids, skip_special_tokens=True) for job in workload.jobs]
-    scores = Ranker.load(args.ranker or meta["ranker"]).score(prompts)
+    ranker = args.ranker or (meta["ranker"] if Path(meta["ranker"]).is_dir() else resolve_ranker(config.ranker))
+    scores = Ranker.load(ranker).score(prompts)
 
     slots = config.max_num_seqs
     aging = meta.get("aging") or 0.0
