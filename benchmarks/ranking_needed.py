@@ -1,0 +1,171 @@
+"""How good must the ranker be? The Kendall tau an order needs for a given speed-up.
+
+Draws request streams exactly as ``pars-fast bench e2e`` does (same data, clipping and
+Poisson arrivals; one stream per seed) and replays each on the ideal server of
+``order_sim.py`` (``max_num_seqs`` slots, a request holds its slot for ``max_tokens``
+tokens, no preemption) under FCFS, oracle SJF and PARSScheduler's gated order, scored by
+
+* noisy oracles, ``log(length) + sigma * N(0, 1)``: the curve from Kendall tau on the
+  stream to FCFS/PARS mean latency, and the tau where it first reaches ``--target``;
+* real rankers (``--ranker``, repeatable: ``default``, ``prompt-length`` or a folder),
+  on the very same streams and arrivals.
+
+No engine runs, so it answers in about a minute which ranking quality an end-to-end
+target asks for, before anyone trains for it::
+
+    python benchmarks/ranking_needed.py --ranker default --ranker prompt-length --streams 8
+
+Times are in units of one token per slot (``--token-ms``; the e2e capacity of
+docs/e2e/repeats measured 7.8 ms), which matters only for PARSScheduler's aging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from order_sim import gated, replay  # noqa: E402  (a sibling script, not a package)
+
+SIGMAS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.5)
+
+
+def kendall_tau(scores: np.ndarray, lengths: np.ndarray) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(scores, lengths)[0])
+
+
+def draw_streams(args: argparse.Namespace) -> list[dict]:
+    """One stream per seed: lengths, prompt lengths and the prompts as the scheduler decodes them."""
+    from transformers import AutoTokenizer
+
+    from pars_fast.e2e.benchmark import resolve_model
+    from pars_fast.e2e.workload import build_workload, load_samples
+
+    model = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    samples = load_samples(args.data, tokenizer)
+    streams = []
+    for seed in range(args.streams):
+        workload = build_workload(
+            samples,
+            tokenizer,
+            args.n,
+            seed=seed,
+            max_model_len=args.max_model_len,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_response_tokens=args.max_response_tokens,
+            source=args.data,
+        )
+        streams.append(
+            {
+                "seed": seed,
+                "lengths": np.array([job.max_tokens for job in workload.jobs], dtype=np.float64),
+                "prompt_lengths": np.array([len(job.prompt_token_ids) for job in workload.jobs], dtype=np.float64),
+                "prompts": [tokenizer.decode(job.prompt_token_ids, skip_special_tokens=True) for job in workload.jobs],
+            }
+        )
+    return streams
+
+
+def ranker_scores(name: str, streams: list[dict]) -> list[np.ndarray]:
+    if name == "prompt-length":
+        return [s["prompt_lengths"] for s in streams]
+    from pars_fast import Ranker
+    from pars_fast.e2e.benchmark import resolve_ranker
+
+    ranker = Ranker.load(resolve_ranker(name))
+    return [np.asarray(ranker.score(s["prompts"]), dtype=np.float64) for s in streams]
+
+
+def speedups(stream: dict, arrivals: np.ndarray, scores: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """FCFS/PARS and FCFS/SJF mean latency of one stream at one load."""
+    lengths = stream["lengths"]
+    durations = lengths * args.token_ms / 1e3
+    slots, aging = args.max_num_seqs, args.aging
+    fcfs = replay(arrivals, durations, arrivals, slots).mean()
+    sjf = replay(arrivals, durations, lengths + aging * arrivals, slots).mean()
+    pars = gated(arrivals, durations, scores, slots, aging, args.min_queue).mean()
+    return {"pars": fcfs / pars, "sjf": fcfs / sjf}
+
+
+def needed_tau(curve: list[tuple[float, float, list[float]]], target: float) -> str:
+    """The tau where the curve's mean speed-up crosses ``target``, interpolated between its rows."""
+    points = sorted((tau, float(np.mean(ratios))) for _, tau, ratios in curve)
+    for (tau0, r0), (tau1, r1) in zip(points, points[1:]):
+        if r0 < target <= r1:
+            return f"Kendall tau >= {tau0 + (tau1 - tau0) * (target - r0) / (r1 - r0):.2f} on the stream"
+    if points and points[0][1] >= target:
+        return f"Kendall tau >= {points[0][0]:.2f} or less"
+    return "more than the oracle order gives"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranker", action="append", default=[], help="default, prompt-length or a ranker folder")
+    parser.add_argument("--streams", type=int, default=8, help="request streams (seeds 0..N-1)")
+    parser.add_argument("--draws", type=int, default=10, help="noise draws per sigma and stream")
+    parser.add_argument("--loads", default="1.5,3", help="arrival rates as multiples of the ideal capacity")
+    parser.add_argument("--target", type=float, default=1.3, help="FCFS/PARS mean latency to reach")
+    parser.add_argument("--data", default="sharegpt")
+    parser.add_argument("--model", default=None, help="served model folder (default: the e2e tiny Llama)")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
+    parser.add_argument("--max-response-tokens", type=int, default=512)
+    parser.add_argument("--token-ms", type=float, default=7.8)
+    parser.add_argument("--aging", type=float, default=0.01, help="PARSScheduler aging, score units per second")
+    parser.add_argument("--min-queue", type=int, default=16, help="PARSScheduler min_queue")
+    args = parser.parse_args(argv)
+
+    from pars_fast.e2e.workload import arrival_offsets
+
+    loads = [float(x) for x in args.loads.split(",")]
+    streams = draw_streams(args)
+    rankers = {name: ranker_scores(name, streams) for name in args.ranker}
+    print(f"{len(streams)} streams of {args.n} requests ({args.data}, responses clipped at {args.max_response_tokens}), "
+          f"{args.max_num_seqs} slots, aging {args.aging}/s, min_queue {args.min_queue}; "
+          f"{args.draws} noise draws per sigma and stream")
+    for load in loads:
+        curve, sjf = [], []
+        for sigma in SIGMAS:
+            taus, ratios = [], []
+            for stream in streams:
+                # The e2e capacity: every slot busy, one mean response per slot.
+                rate = load * args.max_num_seqs / (stream["lengths"].mean() * args.token_ms / 1e3)
+                arrivals = arrival_offsets(args.n, rate, stream["seed"])
+                draws = 1 if sigma == 0 else args.draws
+                for d in range(draws):
+                    noise = np.random.default_rng([stream["seed"], d, 7]).standard_normal(args.n)
+                    scores = np.log(stream["lengths"]) + sigma * noise
+                    taus.append(kendall_tau(scores, stream["lengths"]))
+                    got = speedups(stream, arrivals, scores, args)
+                    ratios.append(got["pars"])
+                    if sigma == 0:
+                        sjf.append(got["sjf"])
+            curve.append((sigma, float(np.mean(taus)), ratios))
+        print(f"\n### load {load:g}x: FCFS/SJF {np.mean(sjf):.2f}x (streams {min(sjf):.2f}-{max(sjf):.2f})\n")
+        print("| scores | Kendall tau on the stream | FCFS/PARS mean latency | p10-p90 over streams and draws |")
+        print("|---|---|---|---|")
+        for sigma, tau, ratios in curve:
+            label = "oracle (gated)" if sigma == 0 else f"oracle + noise sigma {sigma}"
+            print(f"| {label} | {tau:.3f} | {np.mean(ratios):.3f}x | {np.percentile(ratios, 10):.2f}-{np.percentile(ratios, 90):.2f} |")
+        for name, per_stream in rankers.items():
+            taus, ratios = [], []
+            for stream, scores in zip(streams, per_stream):
+                rate = load * args.max_num_seqs / (stream["lengths"].mean() * args.token_ms / 1e3)
+                arrivals = arrival_offsets(args.n, rate, stream["seed"])
+                taus.append(kendall_tau(scores, stream["lengths"]))
+                ratios.append(speedups(stream, arrivals, scores, args)["pars"])
+            print(f"| ranker `{name}` | {np.mean(taus):.3f} | {np.mean(ratios):.3f}x | {np.percentile(ratios, 10):.2f}-{np.percentile(ratios, 90):.2f} |")
+        print(f"\nFCFS/PARS >= {args.target}x at {load:g}x on an ideal server needs {needed_tau(curve, args.target)}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
