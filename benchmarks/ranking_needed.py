@@ -93,6 +93,19 @@ def speedups(stream: dict, arrivals: np.ndarray, scores: np.ndarray, args: argpa
     return {"pars": fcfs / pars, "sjf": fcfs / sjf}
 
 
+def stream_arrivals(stream: dict, load: float, args: argparse.Namespace) -> np.ndarray:
+    """Poisson arrivals at ``load`` x the e2e capacity: every slot busy, one mean response per slot."""
+    from pars_fast.e2e.workload import arrival_offsets
+
+    rate = load * args.max_num_seqs / (stream["lengths"].mean() * args.token_ms / 1e3)
+    return arrival_offsets(len(stream["lengths"]), rate, stream["seed"])
+
+
+def print_row(label: str, taus: list[float], ratios: list[float]) -> None:
+    p10, p90 = np.percentile(ratios, [10, 90])
+    print(f"| {label} | {np.mean(taus):.3f} | {np.mean(ratios):.3f}x | {p10:.2f}-{p90:.2f} |")
+
+
 def needed_tau(curve: list[tuple[float, float, list[float]]], target: float) -> str:
     """The tau where the curve's mean speed-up crosses ``target``, interpolated between its rows."""
     points = sorted((tau, float(np.mean(ratios))) for _, tau, ratios in curve)
@@ -123,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-queue", type=int, default=16, help="PARSScheduler min_queue")
     args = parser.parse_args(argv)
 
-    from pars_fast.e2e.workload import arrival_offsets
-
     loads = [float(x) for x in args.loads.split(",")]
     streams = draw_streams(args)
     rankers = {name: ranker_scores(name, streams) for name in args.ranker}
@@ -132,37 +143,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_num_seqs} slots, aging {args.aging}/s, min_queue {args.min_queue}; "
           f"{args.draws} noise draws per sigma and stream")
     for load in loads:
-        curve, sjf = [], []
-        for sigma in SIGMAS:
-            taus, ratios = [], []
-            for stream in streams:
-                # The e2e capacity: every slot busy, one mean response per slot.
-                rate = load * args.max_num_seqs / (stream["lengths"].mean() * args.token_ms / 1e3)
-                arrivals = arrival_offsets(args.n, rate, stream["seed"])
-                draws = 1 if sigma == 0 else args.draws
-                for d in range(draws):
-                    noise = np.random.default_rng([stream["seed"], d, 7]).standard_normal(args.n)
-                    scores = np.log(stream["lengths"]) + sigma * noise
-                    taus.append(kendall_tau(scores, stream["lengths"]))
-                    got = speedups(stream, arrivals, scores, args)
-                    ratios.append(got["pars"])
-                    if sigma == 0:
-                        sjf.append(got["sjf"])
-            curve.append((sigma, float(np.mean(taus)), ratios))
+        arrivals = [stream_arrivals(stream, load, args) for stream in streams]
+        sjf = [speedups(s, a, np.log(s["lengths"]), args)["sjf"] for s, a in zip(streams, arrivals)]
         print(f"\n### load {load:g}x: FCFS/SJF {np.mean(sjf):.2f}x (streams {min(sjf):.2f}-{max(sjf):.2f})\n")
         print("| scores | Kendall tau on the stream | FCFS/PARS mean latency | p10-p90 over streams and draws |")
         print("|---|---|---|---|")
-        for sigma, tau, ratios in curve:
-            label = "oracle (gated)" if sigma == 0 else f"oracle + noise sigma {sigma}"
-            print(f"| {label} | {tau:.3f} | {np.mean(ratios):.3f}x | {np.percentile(ratios, 10):.2f}-{np.percentile(ratios, 90):.2f} |")
-        for name, per_stream in rankers.items():
+        curve = []
+        for sigma in SIGMAS:
             taus, ratios = [], []
-            for stream, scores in zip(streams, per_stream):
-                rate = load * args.max_num_seqs / (stream["lengths"].mean() * args.token_ms / 1e3)
-                arrivals = arrival_offsets(args.n, rate, stream["seed"])
-                taus.append(kendall_tau(scores, stream["lengths"]))
-                ratios.append(speedups(stream, arrivals, scores, args)["pars"])
-            print(f"| ranker `{name}` | {np.mean(taus):.3f} | {np.mean(ratios):.3f}x | {np.percentile(ratios, 10):.2f}-{np.percentile(ratios, 90):.2f} |")
+            for stream, arr in zip(streams, arrivals):
+                for draw in range(1 if sigma == 0 else args.draws):
+                    noise = np.random.default_rng([stream["seed"], draw, 7]).standard_normal(args.n)
+                    scores = np.log(stream["lengths"]) + sigma * noise
+                    taus.append(kendall_tau(scores, stream["lengths"]))
+                    ratios.append(speedups(stream, arr, scores, args)["pars"])
+            curve.append((sigma, float(np.mean(taus)), ratios))
+            print_row("oracle (gated)" if sigma == 0 else f"oracle + noise sigma {sigma}", taus, ratios)
+        for name, per_stream in rankers.items():
+            taus = [kendall_tau(scores, s["lengths"]) for s, scores in zip(streams, per_stream)]
+            ratios = [speedups(s, a, scores, args)["pars"] for s, a, scores in zip(streams, arrivals, per_stream)]
+            print_row(f"ranker `{name}`", taus, ratios)
         print(f"\nFCFS/PARS >= {args.target}x at {load:g}x on an ideal server needs {needed_tau(curve, args.target)}.")
     return 0
 
