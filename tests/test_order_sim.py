@@ -77,7 +77,8 @@ def test_a_better_ranker_is_worth_more_on_the_ideal_server(sigma):
     args = type("Args", (), {"token_ms": 7.8, "max_num_seqs": 8, "aging": 0.0, "min_queue": 1})()
     rate = 3 * 8 / (lengths.mean() * 7.8e-3)
     arrivals = np.concatenate([[0.0], rng.exponential(1 / rate, 199).cumsum()])
-    good = ranking_needed.speedups(stream, arrivals, np.log(lengths) + sigma * rng.standard_normal(200), args)
-    noise = ranking_needed.speedups(stream, arrivals, rng.standard_normal(200), args)
-    assert good["pars"] > 1.2 > noise["pars"] * 1.1
-    assert good["sjf"] >= good["pars"] - 1e-9
+    fcfs, sjf = ranking_needed.baselines(stream, arrivals, args)
+    good = fcfs / ranking_needed.pars_latency(stream, arrivals, np.log(lengths) + sigma * rng.standard_normal(200), args)
+    noise = fcfs / ranking_needed.pars_latency(stream, arrivals, rng.standard_normal(200), args)
+    assert good > 1.2 > noise * 1.1
+    assert fcfs / sjf >= good - 1e-9
