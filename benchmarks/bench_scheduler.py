@@ -4,7 +4,7 @@ Run: ``.venv/bin/python -m pytest benchmarks/bench_scheduler.py --benchmark-only
 (``make bench`` runs all benchmarks; ``PARS_BENCH_STEP_ROUNDS`` sets test_step's rounds)
 
 Every provider is a real vLLM 0.32 scheduler on a model-free KV cache
-(``tests/vllm_harness.py``): the time is the scheduler's own Python, which is what
+(``pars_fast.sim.harness``): the time is the scheduler's own Python, which is what
 PARS adds to each engine step. Scoring is excluded from the step timings (requests
 are scored in the untimed set-up) and measured on its own in ``test_scoring``.
 
@@ -53,9 +53,7 @@ from pars_fast.vllm import PARSScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-# The scheduler harness is test support (tests/vllm_harness.py), not part of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from vllm_harness import RequestFactory, fake_model_output, make_scheduler, make_vllm_config  # noqa: E402
+from pars_fast.sim.harness import RequestFactory, fake_model_output, make_scheduler, make_vllm_config  # noqa: E402
 
 PROVIDERS = ["pars", "vllm-fcfs", "vllm-priority", "control"]
 COMPETITORS = PROVIDERS[1:]

@@ -2,7 +2,7 @@
 
 Each test builds vLLM's own ``Scheduler`` machinery from a real ``VllmConfig`` (the
 tiny Llama folder; KV blocks sized per test) and loops ``schedule() -> fake model
-output -> update_from_output()`` (``tests/vllm_harness.py``), as the engine core does.
+output -> update_from_output()`` (``pars_fast.sim.harness``), as the engine core does.
 Stub rankers are module attributes named ``f"{__name__}:Class"``, the same import
 route a user's ranker takes.
 """
@@ -27,7 +27,7 @@ from vllm.v1.request import RequestStatus
 from pars_fast.queue import ScoredRequestQueue, aging_wait_bound
 from pars_fast.vllm import PARSAsyncScheduler, PARSConfig, PARSConfigError, PARSScheduler
 from pars_fast.vllm.scoring import PROMPT_DECODE_CAP
-from vllm_harness import (
+from pars_fast.sim.harness import (
     RequestFactory,
     admission_order,
     finish_order,

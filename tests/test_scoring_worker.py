@@ -1,7 +1,7 @@
 """PARSScheduler with its ranker in a background worker (a thread or a child process).
 
 The scheduler never waits on the worker: scores come back between steps. These tests
-drive a real vLLM ``Scheduler`` without a model (``vllm_harness``) and use
+drive a real vLLM ``Scheduler`` without a model (``pars_fast.sim.harness``) and use
 ``wait_for_scores`` where they need the worker to have answered. Stub rankers are
 imported by name (``f"{__name__}:Class"``), in the worker process too.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 from vllm.v1.request import RequestStatus
-from vllm_harness import RequestFactory, admission_order, finish_order, make_scheduler, make_vllm_config, run_until_idle, step
+from pars_fast.sim.harness import RequestFactory, admission_order, finish_order, make_scheduler, make_vllm_config, run_until_idle, step
 
 from pars_fast.vllm import PARSConfigError, PARSScheduler
 from pars_fast.vllm.worker import STOP_TIMEOUT_S

@@ -1,8 +1,7 @@
 """Drive a real vLLM V1 scheduler without a model: for tests and step-overhead benchmarks.
 
-Test support, not part of the package (the wheel does not ship it): imported by
-tests/test_scheduler.py (pytest puts tests/ on sys.path) and by
-benchmarks/bench_scheduler.py (which adds tests/ to sys.path itself).
+The simulator's engine loop (``pars_fast.sim.engine``) is built on it, and the scheduler
+tests and step benchmarks use it directly.
 
 vLLM's own scheduler test helpers (``tests/v1/core/utils.py`` upstream) are not in the
 wheel, so this is our version: a real ``VllmConfig`` for a local model folder, a KV
