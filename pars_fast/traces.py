@@ -19,9 +19,12 @@ and so on, ``backups`` of them) when it would grow past ``max_bytes``.
 
 **Censoring, in one place** (:func:`label_of`): a ``"stop"`` row is an exact label; a
 ``"length"`` row says "at least ``output_tokens``" (a censored label); aborted,
-ignored and failed rows are no labels at all. :func:`load_trace_samples` turns trace
-files into training samples; the pairwise loss then uses only the pairs whose order
-is known (see ``pars_fast.losses.pair_mask``).
+ignored and failed rows are no labels at all. :func:`pars_fast.data.load_trace_samples`
+turns trace files into training samples; the pairwise loss then uses only the pairs
+whose order is known (see ``pars_fast.losses.pair_mask``).
+
+This module imports nothing from the rest of pars_fast (the engine core imports it on
+every start); the data side depends on it, never the reverse.
 """
 
 from __future__ import annotations
@@ -207,6 +210,19 @@ def label_of(row: dict[str, Any]) -> tuple[int, bool] | None:
     return None
 
 
+def is_trace(path: str | os.PathLike[str]) -> bool:
+    """Whether a JSONL file is a serving trace: its first non-blank row has trace fields."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(obj, dict) and "finish_reason" in obj and "prompt_tokens" in obj
+    return False
+
+
 def trace_files(path: str | os.PathLike[str]) -> list[Path]:
     """A trace file and its rotated backups, oldest first."""
     base = Path(path).expanduser()
@@ -225,34 +241,6 @@ def iter_trace_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     logger.warning("skipping unreadable trace line %s:%d", file, lineno)
-
-
-def load_trace_samples(path: str | os.PathLike[str]) -> list[Any]:
-    """Training samples from a trace written with ``"prompts": true``.
-
-    Exact rows become plain samples; censored rows carry ``censored=True`` (their
-    length is a lower bound). Rows without prompt text, or without a label, are skipped.
-    Raises ``ValueError`` when no row has a prompt (the trace was written without them).
-    """
-    from pars_fast.data import Sample
-
-    samples, without_prompt = [], 0
-    for row in iter_trace_rows(path):
-        label = label_of(row)
-        if label is None:
-            continue
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            without_prompt += 1
-            continue
-        tokens, exact = label
-        samples.append(Sample(prompt, tokens, censored=not exact))
-    if not samples and without_prompt:
-        raise ValueError(
-            f"trace {path} has no prompt text ({without_prompt} labelled rows without it): "
-            'write traces with "trace": {"path": ..., "prompts": true} to train on them'
-        )
-    return samples
 
 
 def summarize_rows(rows: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -94,8 +94,7 @@ def _row(i, prompt, tokens, reason):
 
 
 def test_trace_samples_carry_the_censoring(tmp_path):
-    from pars_fast.data import load_dataset, load_jsonl, save_jsonl
-    from pars_fast.traces import load_trace_samples
+    from pars_fast.data import load_dataset, load_jsonl, load_trace_samples, save_jsonl
 
     path = _trace_rows(tmp_path / "trace.jsonl", [
         _row(0, "short question?", 12, "stop"),
@@ -111,6 +110,29 @@ def test_trace_samples_carry_the_censoring(tmp_path):
     assert load_jsonl(path) == samples and load_dataset(str(path)) == samples
     # A plain JSONL keeps the flag through a round trip.
     assert load_jsonl(save_jsonl(samples, tmp_path / "plain.jsonl")) == samples
+
+
+def test_is_trace_reads_the_first_row_only(tmp_path):
+    from pars_fast.traces import is_trace
+
+    assert is_trace(_trace_rows(tmp_path / "t.jsonl", [_row(0, "p", 3, "stop")]))
+    assert not is_trace(_trace_rows(tmp_path / "plain.jsonl", [{"prompt": "p", "response_len": 3}]))
+    (tmp_path / "bad.jsonl").write_text("\n{not json\n")
+    assert not is_trace(tmp_path / "bad.jsonl")
+
+
+def test_traces_imports_nothing_from_pars_fast():
+    """traces.py is the bottom of the data stack: pars_fast.data reads traces, never the reverse.
+    Checked on the source, lazy imports inside functions included (they once made a cycle)."""
+    import ast
+    import inspect
+
+    import pars_fast.traces
+
+    tree = ast.parse(inspect.getsource(pars_fast.traces))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert [m for m in imported if m and m.split(".")[0] == "pars_fast"] == []
 
 
 def test_a_trace_without_prompts_says_how_to_write_one(tmp_path):
