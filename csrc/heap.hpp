@@ -42,7 +42,7 @@ inline constexpr std::uint32_t kNoSlot = 0xFFFFFFFFu;
 inline constexpr std::size_t kMaxEntries = 0xFFFFFFF0u;
 
 struct Node {
-  double key;         // primary key (for the request queue: the aged effective key)
+  double key;         // primary key (for the request queue: request.priority)
   double tie;         // secondary key (for the request queue: arrival_time)
   std::uint64_t seq;  // insertion counter: equal (key, tie) come out FIFO
   std::uint32_t slot;

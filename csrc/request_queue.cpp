@@ -2,11 +2,11 @@
 //
 // vLLM 0.32's RequestQueue interface, method for method, over the indexed heap.
 // Each request is stored under request.request_id with
-//     key = base + aging_rate * (arrival_time - origin),   tie = arrival_time,
-// where base is request.priority (or key(request) if a key function is given)
-// and origin is the first valid arrival_time the queue saw. Subtracting a constant
-// origin leaves the order unchanged (every key moves by the same amount) but
-// keeps the aging term small, so base keeps its precision in a double.
+//     key = request.priority,   tie = request.arrival_time,
+// then insertion order: vLLM's (priority, arrival_time) order. The queue adds
+// nothing to the priority: aging against starvation lives in the priority that
+// PARSScheduler sets (pars_fast/aging.py), so that vLLM's preemption, which reads
+// the same priority, agrees with the admission order.
 //
 // Hot methods read priority / arrival_time / request_id in C with interned
 // attribute names: one Python call does one whole operation.
@@ -24,11 +24,7 @@ PyObject *s_priority = nullptr;
 PyObject *s_arrival_time = nullptr;
 
 struct QueueObject {
-  HeapBase base;       // first member: the iterator reads the heap through it
-  PyObject *keyfunc;   // callable or nullptr (default: request.priority)
-  double aging_rate;   // >= 0, finite
-  double origin;       // time origin of the aging term
-  bool has_origin;
+  HeapBase base;  // first member: the iterator reads the heap through it
 };
 
 QueueObject *as_queue(PyObject *self) { return reinterpret_cast<QueueObject *>(self); }
@@ -53,30 +49,16 @@ PyObject *request_id(PyObject *req, const char *where) {
   return as_id(v.get(), where);
 }
 
-// The (key, tie) a request sorts by now. May run Python code (properties,
-// __float__, the key function): callers run it before touching the heap.
-bool request_key(QueueObject *q, PyObject *req, const char *where, double *key, double *tie) {
+// The (priority, arrival_time) a request sorts by now, as doubles (vLLM's int
+// priorities are exact up to 2**53). May run Python code (properties, __float__):
+// callers run it before touching the heap.
+bool request_key(PyObject *req, const char *where, double *key, double *tie) {
   Ref arrival(get_attr(req, s_arrival_time, where));
   if (!arrival) return false;
   if (!as_real(arrival.get(), tie, where, "request.arrival_time")) return false;
-  Ref base(q->keyfunc ? PyObject_CallOneArg(q->keyfunc, req) : get_attr(req, s_priority, where));
-  if (!base) return false;
-  if (!as_real(base.get(), key, where, q->keyfunc ? "key(request)" : "request.priority")) return false;
-  if (q->aging_rate != 0.0) {
-    // The first arrival becomes the origin only once its key is valid: a rejected
-    // arrival_time=inf must not turn every later key into -inf.
-    const double origin = q->has_origin ? q->origin : *tie;
-    *key += q->aging_rate * (*tie - origin);
-    if (std::isnan(*key)) {  // an infinite first arrival lands here too (inf - inf)
-      PyErr_Format(PyExc_ValueError, "%s: the aged key is NaN (infinite priority or arrival_time?)", where);
-      return false;
-    }
-    if (!q->has_origin) {
-      q->origin = origin;  // finite: an infinite one gave a NaN key above
-      q->has_origin = true;
-    }
-  }
-  return true;
+  Ref priority(get_attr(req, s_priority, where));
+  if (!priority) return false;
+  return as_real(priority.get(), key, where, "request.priority");
 }
 
 // The slot of `req` if this very object is queued, else kNoSlot. With
@@ -98,49 +80,22 @@ std::uint32_t find_request(IndexedHeap &heap, PyObject *id, PyObject *req, const
 PyObject *rq_new(PyTypeObject *type, PyObject *, PyObject *) {
   PyObject *self = type->tp_alloc(type, 0);
   if (self == nullptr) return nullptr;
-  QueueObject *q = as_queue(self);
-  new (&q->base.heap) IndexedHeap();
-  q->keyfunc = nullptr;
-  q->aging_rate = 0.0;
-  q->origin = 0.0;
-  q->has_origin = false;
+  new (&as_queue(self)->base.heap) IndexedHeap();
   return self;
 }
 
+// Takes no arguments. Without this slot, object.__init__ would accept and ignore
+// any (tp_new is overridden), so RequestHeap(aging_rate=0.5) would pass silently.
 int rq_init(PyObject *self, PyObject *args, PyObject *kwargs) {
-  static const char *kwlist[] = {"key", "aging_rate", nullptr};
-  PyObject *key = Py_None, *rate_obj = nullptr;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:ScoredRequestQueue", const_cast<char **>(kwlist), &key,
-                                   &rate_obj))
-    return -1;
-  QueueObject *q = as_queue(self);
-  if (!q->base.heap.empty()) {
-    // The stored keys depend on key and aging_rate: changing them would break the heap.
-    PyErr_SetString(PyExc_RuntimeError, "ScoredRequestQueue.__init__: cannot re-initialise a non-empty queue");
+  if (PyTuple_GET_SIZE(args) != 0 || (kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0)) {
+    PyErr_Format(PyExc_TypeError, "%.100s() takes no arguments", Py_TYPE(self)->tp_name);
     return -1;
   }
-  if (key != Py_None && !PyCallable_Check(key)) {
-    PyErr_Format(PyExc_TypeError, "ScoredRequestQueue: key must be a callable or None, not %.100s",
-                 Py_TYPE(key)->tp_name);
-    return -1;
-  }
-  double rate = 0.0;
-  if (rate_obj != nullptr && !as_real(rate_obj, &rate, "ScoredRequestQueue", "aging_rate")) return -1;
-  if (!(rate >= 0.0) || std::isinf(rate)) {
-    PyErr_Format(PyExc_ValueError, "ScoredRequestQueue: aging_rate must be finite and >= 0, got %R", rate_obj);
-    return -1;
-  }
-  PyObject *old = q->keyfunc;
-  q->keyfunc = key == Py_None ? nullptr : (Py_INCREF(key), key);
-  Py_XDECREF(old);
-  q->aging_rate = rate;
-  q->has_origin = false;
   return 0;
 }
 
 int rq_traverse(PyObject *self, visitproc visit, void *arg) {
   Py_VISIT(Py_TYPE(self));
-  Py_VISIT(as_queue(self)->keyfunc);
   int err = 0;
   as_queue(self)->base.heap.for_each_object([&](PyObject *obj) {
     if (err == 0) err = visit(obj, arg);
@@ -149,7 +104,6 @@ int rq_traverse(PyObject *self, visitproc visit, void *arg) {
 }
 
 int rq_clear(PyObject *self) {
-  Py_CLEAR(as_queue(self)->keyfunc);
   drain_heap(as_queue(self)->base.heap);
   return 0;
 }
@@ -169,7 +123,7 @@ PyObject *rq_add_request(PyObject *self, PyObject *req) {
   Ref id(request_id(req, where));
   if (!id) return nullptr;
   double key, tie;
-  if (!request_key(q, req, where, &key, &tie)) return nullptr;
+  if (!request_key(req, where, &key, &tie)) return nullptr;
   // No Python code runs from here to the end.
   IndexedHeap &heap = q->base.heap;
   if (!reserve(heap, 1)) return nullptr;
@@ -230,7 +184,7 @@ PyObject *rq_prepend_requests(PyObject *self, PyObject *requests) {
     Ref id(request_id(req, where));
     if (!id) return nullptr;
     double key, tie;
-    if (!request_key(q, req, where, &key, &tie)) return nullptr;
+    if (!request_key(req, where, &key, &tie)) return nullptr;
     batch.push_back(Pending{std::move(id), req, key, tie});
   }
   // All or nothing, with no Python code from here on.
@@ -299,7 +253,7 @@ PyObject *rq_update_request(PyObject *self, PyObject *req) {
   Ref id(request_id(req, where));
   if (!id) return nullptr;
   double key, tie;
-  if (!request_key(q, req, where, &key, &tie)) return nullptr;
+  if (!request_key(req, where, &key, &tie)) return nullptr;
   IndexedHeap &heap = q->base.heap;
   const std::uint32_t s = find_request(heap, id.get(), req, where, true);
   if (s == kNoSlot) return nullptr;
@@ -341,28 +295,15 @@ int rq_bool(PyObject *self) { return !as_queue(self)->base.heap.empty(); }
 PyObject *rq_iter(PyObject *self) { return new_heap_iter(self); }
 PyObject *rq_check(PyObject *self, PyObject *) { return check_heap(as_queue(self)->base.heap); }
 
-PyObject *rq_get_aging_rate(PyObject *self, void *) { return PyFloat_FromDouble(as_queue(self)->aging_rate); }
-
-PyObject *rq_get_key(PyObject *self, void *) {
-  PyObject *k = as_queue(self)->keyfunc;
-  if (k == nullptr) Py_RETURN_NONE;
-  Py_INCREF(k);
-  return k;
-}
-
 PyObject *rq_repr(PyObject *self) {
-  QueueObject *q = as_queue(self);
-  Ref rate(PyFloat_FromDouble(q->aging_rate));
-  if (!rate) return nullptr;
-  return PyUnicode_FromFormat("<%s with %zd requests, aging_rate=%R>", Py_TYPE(self)->tp_name, rq_len(self),
-                              rate.get());
+  return PyUnicode_FromFormat("<%s with %zd requests>", Py_TYPE(self)->tp_name, rq_len(self));
 }
 
 PyMethodDef rq_methods[] = {
     {"add_request", rq_add_request, METH_O,
      R"pbdoc(add_request(request) -> None
 
-Queue a request under request.request_id, ordered by (key, arrival_time).
+Queue a request under request.request_id, ordered by (priority, arrival_time).
 O(log n). KeyError if a request with that id is already queued.)pbdoc"},
     {"pop_request", rq_pop_request, METH_NOARGS,
      "pop_request() -> Request\n\nRemove and return the first request. IndexError if empty. O(log n)."},
@@ -392,28 +333,25 @@ as in vLLM. O(log n) per request.)pbdoc"},
     {"update_request", rq_update_request, METH_O,
      R"pbdoc(update_request(request) -> None
 
-Re-read a queued request's key (after request.priority changed) and move it.
+Re-read a queued request's priority and arrival_time (after either changed)
+and move it; it keeps its insertion order among equal keys.
 O(log n). NotQueuedError if it is not queued.)pbdoc"},
     {"key_of", rq_key_of, METH_O,
-     "key_of(request) -> float\n\nThe effective (aged) key stored for a queued request."},
+     R"pbdoc(key_of(request) -> float
+
+The priority a queued request is stored under, as a float: request.priority as
+read at its last add or update_request.)pbdoc"},
     {"clear", rq_clear_method, METH_NOARGS, "clear() -> None\n\nRemove every request."},
     {"_check", rq_check, METH_NOARGS, "_check() -> None\n\nVerify internal invariants (for tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyGetSetDef rq_getset[] = {
-    {"aging_rate", rq_get_aging_rate, nullptr, "Key units gained per second of waiting (read-only).", nullptr},
-    {"key", rq_get_key, nullptr, "The key function, or None for request.priority (read-only).", nullptr},
-    {nullptr, nullptr, nullptr, nullptr, nullptr},
-};
-
 PyType_Slot rq_slots[] = {
-    {Py_tp_doc, const_cast<char *>(R"pbdoc(RequestHeap(key=None, aging_rate=0.0)
+    {Py_tp_doc, const_cast<char *>(R"pbdoc(RequestHeap()
 
 C++ core of pars_fast.queue.ScoredRequestQueue (use that class): vLLM's
-RequestQueue interface over an indexed heap. Requests are ordered by
-key = (key(request) or request.priority) + aging_rate * arrival_time,
-then arrival_time, then insertion order.)pbdoc")},
+RequestQueue interface over an indexed heap. Requests come out in ascending
+(request.priority, request.arrival_time) order, then insertion order.)pbdoc")},
     {Py_tp_new, reinterpret_cast<void *>(rq_new)},
     {Py_tp_init, reinterpret_cast<void *>(rq_init)},
     {Py_tp_dealloc, reinterpret_cast<void *>(rq_dealloc)},
@@ -425,7 +363,6 @@ then arrival_time, then insertion order.)pbdoc")},
     {Py_sq_contains, reinterpret_cast<void *>(rq_contains)},
     {Py_nb_bool, reinterpret_cast<void *>(rq_bool)},
     {Py_tp_methods, rq_methods},
-    {Py_tp_getset, rq_getset},
     {0, nullptr},
 };
 

@@ -3,10 +3,10 @@
 Use it through pars_fast.queue (ScoredRequestQueue, NotQueuedError).
 Every type here holds strong references to its objects, takes part in cyclic
 garbage collection, and stays consistent if Python code it triggers (__float__,
-properties, key functions, __del__) re-enters it.
+properties, __del__) re-enters it.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 __version__: str
@@ -31,17 +31,14 @@ class HeapIterator(Iterator[_T]):
 class RequestHeap:
     """C++ body of pars_fast.queue.ScoredRequestQueue: vLLM's RequestQueue over an indexed heap.
 
-    A request is stored under request.request_id with
-    key = base + aging_rate * (arrival_time - origin), base = key(request) or
-    request.priority, origin = the first valid arrival_time seen (a constant shift that
-    keeps precision), and tie = arrival_time; then insertion order.
+    A request is stored under request.request_id and comes out in ascending
+    (request.priority, request.arrival_time) order, then insertion order. Both are
+    read as doubles when the request is added or updated; the queue adds nothing to
+    them (aging is in the priority the scheduler sets: pars_fast.aging).
     """
 
-    def __init__(self, key: Callable[[Any], float] | None = None, aging_rate: float = 0.0) -> None: ...
-    @property
-    def aging_rate(self) -> float: ...
-    @property
-    def key(self) -> Callable[[Any], float] | None: ...
+    def __init__(self) -> None:
+        """Takes no arguments."""
     def add_request(self, request: Any) -> None:
         """KeyError if a request with the same request_id is queued."""
     def pop_request(self) -> Any:
@@ -51,15 +48,15 @@ class RequestHeap:
     def prepend_request(self, request: Any) -> None:
         """Same as add_request (a priority queue has no front to prepend to)."""
     def prepend_requests(self, requests: Iterable[Any]) -> None:
-        """Add all by key, all or nothing."""
+        """Add all by priority, all or nothing."""
     def remove_request(self, request: Any) -> None:
         """NotQueuedError (KeyError and ValueError) if this request object is not queued."""
     def remove_requests(self, requests: Iterable[Any]) -> None:
         """Requests that are not queued are ignored (as in vLLM)."""
     def update_request(self, request: Any) -> None:
-        """Re-read the request's key after request.priority (or what key() reads) changed."""
+        """Re-read the request's priority and arrival_time after either changed."""
     def key_of(self, request: Any) -> float:
-        """The stored effective key (aged, relative to the time origin)."""
+        """The priority the request is stored under, as a float (read at its last add or update)."""
     def clear(self) -> None: ...
     def _check(self) -> None: ...
     def __iter__(self) -> HeapIterator[Any]: ...

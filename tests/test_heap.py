@@ -48,7 +48,7 @@ class Duck:
 
 class RefQueue:
     """The reference model: a dict and a sort. Raises what RequestHeap must raise
-    (aging off, no key function: key = priority, tie = arrival_time, then FIFO)."""
+    (key = priority, tie = arrival_time, then FIFO; the queue adds nothing to them)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[float, float, int, Duck]] = {}
