@@ -99,6 +99,17 @@ def test_refit_from_a_step_log_writes_the_cost_file(tmp_path, capsys):
     assert "R²" in capsys.readouterr().out
 
 
+def test_steps_are_grouped_by_the_level_their_requests_came_from():
+    # Request ids as the e2e runner names them, with the suffix vLLM 0.32 appends.
+    def row(*ids):
+        return {"reqs": [[i, 0, 1, 1] for i in ids]}
+
+    assert calibrate.level_of(row("burst-3-9e1e2159", "burst-12-0123abcd")) == "burst"
+    assert calibrate.level_of(row("1.5x-12-0123abcd")) == "1.5x"
+    assert calibrate.level_of(row("warmup-1.5x-0-abcdef12")) == "warmup"
+    assert calibrate.level_of(row("warmup-1.5x-0-abcdef12", "1.5x-0-12345678")) == "mixed"
+
+
 # ---------------------------------------------------------------------- the recorder, model-free
 
 PROMPTS = [10, 40, 70, 100, 130, 160]  # prompt tokens; all distinct

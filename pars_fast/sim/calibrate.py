@@ -338,9 +338,10 @@ def predict(cost: dict[str, Any], rows: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def level_of(row: dict[str, Any]) -> str:
-    """Which load level a step served, from its request ids (``pars_fast.e2e.runner`` names
-    them ``{load}-{i}`` and warm-ups ``warmup-{load}-{i}``); vLLM may add a suffix."""
-    names = {r[0].split("-", 1)[0] if r[0].startswith("warmup-") else r[0].rsplit("-", 1)[0] for r in row.get("reqs", ())}
+    """Which load level a step served, from its request ids: ``pars_fast.e2e.runner`` names
+    them ``{load}-{i}`` (load names have no dash) and warm-ups ``warmup-{load}-{i}``; vLLM
+    appends ``-{8 hex}``. Steps that mix a warm-up and a level count as ``mixed``."""
+    names = {r[0].split("-", 1)[0] for r in row.get("reqs", ())}
     return names.pop() if len(names) == 1 else ("mixed" if names else "none")
 
 
