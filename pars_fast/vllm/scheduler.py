@@ -555,6 +555,9 @@ class PARSScheduler(Scheduler):
         )
 
     def _write_stats(self) -> None:
+        from pars_fast.vllm.prometheus import publish  # pars_fast_* on vLLM's /metrics (docs/METRICS.md)
+
+        publish(self.pars_stats(), getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
         if self._stats_file is None:
             return
         self._next_stats_write = time.monotonic() + STATS_FILE_INTERVAL_S
