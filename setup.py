@@ -85,7 +85,7 @@ PACKAGES = find_packages(include=["pars_fast", "pars_fast.*"]) + ["pars_fast.ker
 setup(
     packages=PACKAGES,
     package_dir={"pars_fast": "pars_fast", "pars_fast.kernels": "kernels"},
-    package_data={"pars_fast": ["py.typed", "*.pyi"]},
+    package_data={"pars_fast": ["py.typed", "*.pyi", "sim/presets/*.json"]},
     ext_modules=[CMakeExtension("pars_fast._heap")],
     cmdclass={"build_ext": CMakeBuild},
 )
