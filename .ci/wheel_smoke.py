@@ -80,7 +80,7 @@ def main() -> None:
         def __init__(self, rid: str, priority: int, arrival: float) -> None:
             self.request_id, self.priority, self.arrival_time = rid, priority, arrival
 
-    queue = ScoredRequestQueue(aging_rate=0.5)
+    queue = ScoredRequestQueue()
     for rid, priority, arrival in [("long", 9, 0.0), ("short", 1, 1.0), ("mid", 4, 2.0)]:
         queue.add_request(Req(rid, priority, arrival))
     order = [queue.pop_request().request_id for _ in range(3)]

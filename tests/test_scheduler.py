@@ -24,8 +24,11 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from pars_fast.queue import ScoredRequestQueue, aging_wait_bound
+from pars_fast.clock import VirtualClock
+from pars_fast.queue import ScoredRequestQueue
 from pars_fast.vllm import PARSAsyncScheduler, PARSConfig, PARSConfigError, PARSScheduler
+from pars_fast.vllm.policy import MIN_FINISHES
+from pars_fast.vllm.runtime import SchedulerRuntime
 from pars_fast.vllm.scoring import PROMPT_DECODE_CAP
 from pars_fast.sim.harness import (
     RequestFactory,
@@ -77,12 +80,19 @@ class ShortRanker:
         return np.zeros(len(prompts) - 1, dtype=np.float32)
 
 
+# Simulated time for the tests that are about time (budgets, costs, shares): the scheduler
+# reads it (``pars_runtime``), and the stub rankers below spend it instead of sleeping.
+CLOCK = VirtualClock()
+
+
 class SlowRanker:
+    """Takes 0.2 s (simulated) per batch."""
+
     calls = 0
 
     def score(self, prompts: list[str]) -> np.ndarray:
         SlowRanker.calls += 1
-        time.sleep(0.2)
+        CLOCK.advance(0.2)
         return np.array([_first_number(p) for p in prompts], dtype=np.float32)
 
 
@@ -92,6 +102,8 @@ def spec(cls: type) -> str:
 
 @pytest.fixture(autouse=True)
 def _reset_stub_rankers():
+    global CLOCK
+    CLOCK = VirtualClock(1_000.0)
     NumberRanker.calls = []
     RaisingRanker.calls = 0
     SlowRanker.calls = 0
@@ -112,10 +124,12 @@ def factory():
 
 @pytest.fixture
 def build(tiny_llama_dir):
-    """build(cls, pars=None, **config) -> scheduler on the tiny Llama."""
+    """build(cls, pars=None, virtual=False, **config) -> scheduler on the tiny Llama
+    (``virtual``: on the simulated CLOCK instead of the machine's)."""
 
-    def _build(cls=PARSScheduler, pars=None, **kwargs):
-        return make_scheduler(cls, make_vllm_config(tiny_llama_dir, pars=pars, **kwargs))
+    def _build(cls=PARSScheduler, pars=None, virtual=False, **kwargs):
+        extra = {"pars_runtime": SchedulerRuntime(clock=CLOCK)} if virtual else {}
+        return make_scheduler(cls, make_vllm_config(tiny_llama_dir, pars=pars, **kwargs), **extra)
 
     return _build
 
@@ -191,7 +205,7 @@ def test_small_queues_stay_fcfs_until_min_queue(build, factory, tokenizer):
     """Ranking starts once min_queue requests wait beyond the free slots ("auto": twice
     max_num_seqs); a shallower queue keeps arrival order and costs no ranker call."""
     sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline"}, max_num_seqs=2)
-    assert sched._min_queue == 4
+    assert sched.pars_stats()["min_queue"] == 4
     t0 = time.time()
     small = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 5, 1, 7, 3])]
     for r in small:  # 5 waiting, 2 free: 3 beyond, under 4
@@ -239,39 +253,41 @@ def test_score_batch_max_caps_each_batch(build, factory, tokenizer):
 
 
 class TimedRanker:
-    """Takes ``SECONDS_PER_PROMPT`` per prompt."""
+    """Takes ``SECONDS_PER_PROMPT`` (simulated) per prompt."""
 
     SECONDS_PER_PROMPT = 0.01
     calls: list[int] = []
 
     def score(self, prompts: list[str]) -> np.ndarray:
         TimedRanker.calls.append(len(prompts))
-        time.sleep(self.SECONDS_PER_PROMPT * len(prompts))
+        CLOCK.advance(self.SECONDS_PER_PROMPT * len(prompts))
         return np.array([_first_number(p) for p in prompts], dtype=np.float32)
 
 
 def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokenizer):
     """budget_s: each step scores what fits (chunks sized from the measured cost per
-    prompt); the rest wait, unscored, for the next step. Nothing is dropped."""
+    prompt); the rest wait, unscored, for the next step. Nothing is dropped.
+
+    At 10 ms a prompt and budget_s 0.1, the first step scores chunks of 1 (the cost is
+    not known yet), 4, 2, 1, 1 prompts: 90 ms; each later step 5 + 2 + 1 + 1 (half of
+    what is left, each time)."""
     TimedRanker.calls = []
     budget = 0.1
     pars = {"ranker": spec(TimedRanker), "worker": "inline", "fallback": {"budget_s": budget, "max_share": None}}
-    sched = build(pars=pars, max_num_seqs=1)
+    sched = build(pars=pars, virtual=True, max_num_seqs=1)
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(60)]
     for r in reqs:
         sched.add_request(r)
     step_ranking_s = []
     results = []
     while sched.has_requests():
-        before = sum(TimedRanker.calls)
-        start = time.perf_counter()
+        start = CLOCK.now()
         results.append(step(sched))
-        if sum(TimedRanker.calls) > before:
-            step_ranking_s.append(time.perf_counter() - start)
-    assert len(step_ranking_s) >= 4  # spread over several steps
-    # A chunk is sized to fit what is left of the budget, so a step overshoots by at most
-    # one prompt's cost (plus the step's own few milliseconds).
-    assert max(step_ranking_s) <= budget + 2 * TimedRanker.SECONDS_PER_PROMPT + 0.05, step_ranking_s
+        if CLOCK.now() > start:
+            step_ranking_s.append(CLOCK.now() - start)
+    assert TimedRanker.calls[:9] == [1, 4, 2, 1, 1, 5, 2, 1, 1]
+    assert step_ranking_s[:2] == pytest.approx([0.09, 0.09])
+    assert max(step_ranking_s) <= budget
     stats = sched.pars_stats()
     # The last few were admitted with nothing left behind them: no score needed.
     assert stats["requests_scored"] == sum(TimedRanker.calls) >= 50 and stats["requests_fallback"] == 0
@@ -281,12 +297,12 @@ def test_inline_budget_bounds_what_ranking_adds_to_a_step(build, factory, tokeni
 
 
 class ColdStartRanker:
-    """Its first call is slow (a cold start: 80 ms), every later prompt costs 2 ms."""
+    """Its first call is slow (a cold start: 80 ms), every later prompt costs 2 ms (simulated)."""
 
     calls: list[int] = []
 
     def score(self, prompts: list[str]) -> np.ndarray:
-        time.sleep(0.08 if not ColdStartRanker.calls else 0.002 * len(prompts))
+        CLOCK.advance(0.08 if not ColdStartRanker.calls else 0.002 * len(prompts))
         ColdStartRanker.calls.append(len(prompts))
         return np.array([_first_number(p) for p in prompts], dtype=np.float32)
 
@@ -297,12 +313,53 @@ def test_one_slow_first_call_does_not_keep_the_ranker_out(build, factory, tokeni
     is ranked (it used to stay FCFS for good)."""
     ColdStartRanker.calls = []
     pars = {"ranker": spec(ColdStartRanker), "worker": "inline", "fallback": {"budget_s": 0.1, "max_share": None}}
-    sched = build(pars=pars, max_num_seqs=1)
+    sched = build(pars=pars, virtual=True, max_num_seqs=1)
     reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(40)]
     for r in reqs:
         sched.add_request(r)
     results = run_until_idle(sched)
-    assert len(ColdStartRanker.calls) > 2 and sched.pars_stats()["requests_scored"] >= 30
+    # 80 ms, then one prompt (estimate 80 ms: one fits the next step), then chunks grow as
+    # the estimate (an EWMA) falls: 0.8 * 0.08 + 0.2 * 0.002 = 0.0644 s, ...
+    assert ColdStartRanker.calls[:3] == [1, 1, 1] and max(ColdStartRanker.calls) >= 3
+    assert sched.pars_stats()["requests_scored"] >= 30 and sched.pars_stats()["lockout_steps"] == 0
+    assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
+    assert_empty(sched)
+
+
+class StallOnceRanker:
+    """Its first call stalls 0.6 s (simulated), every later prompt costs 2 ms."""
+
+    calls: list[int] = []
+
+    def score(self, prompts: list[str]) -> np.ndarray:
+        CLOCK.advance(0.6 if not StallOnceRanker.calls else 0.002 * len(prompts))
+        StallOnceRanker.calls.append(len(prompts))
+        return np.array([_first_number(p) for p in prompts], dtype=np.float32)
+
+
+def test_one_stall_over_the_budget_does_not_lock_the_ranker_out_for_good(build, factory, tokenizer, caplog):
+    """The first prompt took 0.6 s, six times budget_s: the estimate says no prompt fits any
+    step, so nothing would ever re-measure it. A probe (one prompt, its cost replacing the
+    estimate) does; then the queue is ranked again. The stall itself is over the 3x-budget
+    time limit, so the ranker first rests retry_after_s (arrivals then keep FCFS keys)."""
+    StallOnceRanker.calls = []
+    pars = {"ranker": spec(StallOnceRanker), "worker": "inline",
+            "fallback": {"budget_s": 0.1, "max_share": None, "retry_after_s": 1.0}}
+    sched = build(pars=pars, virtual=True, max_num_seqs=1)
+    reqs, results = [], []
+    with caplog.at_level(logging.WARNING, logger="pars_fast"):
+        for i in range(150):  # two arrivals a step, one admitted: the queue deepens
+            for _ in range(2):
+                reqs.append(factory.make(prompt_ids(tokenizer, f"n {len(reqs)}"), 1, arrival_time=CLOCK.wall()))
+                sched.add_request(reqs[-1])
+            results.append(step(sched))
+            CLOCK.advance(0.05)  # the model's step
+        results += run_until_idle(sched)
+    stats = sched.pars_stats()
+    assert StallOnceRanker.calls[:2] == [1, 1]  # the stall, then (rest over) the probe
+    assert stats["lockout_steps"] == 1 and stats["probes"] == 1
+    assert stats["requests_scored"] > 100  # ranking came back
+    assert stats["fallback_reasons"]["over time limit"] == 1 and stats["fallback_reasons"]["cool-down"] > 0
     assert sorted(finish_order(results)) == sorted(r.request_id for r in reqs)
     assert_empty(sched)
 
@@ -315,20 +372,22 @@ def test_max_share_stops_ranking_that_costs_more_than_it_can_gain(build, factory
     TimedRanker.calls = []
     pars = {"ranker": spec(TimedRanker), "worker": "inline", "min_queue": 1,
             "fallback": {"budget_s": 0.05, "max_share": max_share}}
-    sched = build(pars=pars, max_num_seqs=1)
-    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(40)]
+    sched = build(pars=pars, virtual=True, max_num_seqs=1)
+    reqs = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(200)]
     for r in reqs:
         sched.add_request(r)
     results = []
-    while sched.has_requests():  # a request per step: ~10 ms of "model" each, 10 ms per prompt ranked
+    while sched.has_requests():  # a request per step: 10 ms of "model" each, 10 ms per prompt ranked
         results.append(step(sched))
-        time.sleep(0.01)
+        CLOCK.advance(0.01)
     stats = sched.pars_stats()
+    # Under the 50 ms budget a step ranks 4 prompts (1 + 2 + 1, then 2 + 1 + 1).
     if max_share is None:
-        assert stats["share_limited_steps"] == 0 and stats["requests_scored"] >= 30
-    else:  # ranked until the engine's cost per request was known (8 finishes), then FCFS
-        assert 0 < stats["requests_scored"] <= 35 and stats["share_limited_steps"] > 0
-    assert stats["requests_scored"] + stats["requests_unranked"] == 40 and stats["requests_fallback"] == 0
+        # All but those admitted (at the mean score) before their turn to be scored came.
+        assert stats["share_limited_steps"] == 0 and stats["requests_scored"] >= 150
+    else:  # ranked until MIN_FINISHES measured the engine (10 ms a request: 1 ms allowed), then FCFS
+        assert 0 < stats["requests_scored"] <= 4 * (MIN_FINISHES + 1) and stats["share_limited_steps"] > 100
+    assert stats["requests_scored"] + stats["requests_unranked"] == 200 and stats["requests_fallback"] == 0
     # Idle, the engine measures afresh: the next burst is ranked again (and warm-ups or an
     # earlier workload never decide for the next one).
     more = [factory.make(prompt_ids(tokenizer, f"n {n}"), 1) for n in range(4)]
@@ -470,8 +529,8 @@ def test_wrong_length_output_falls_back(build, factory, tokenizer):
 
 def test_over_budget_batch_falls_back_then_ranker_rests(build, factory, tokenizer):
     pars = {"ranker": spec(SlowRanker), "worker": "inline", "fallback": {"budget_s": 0.05, "retry_after_s": 600}}
-    sched = build(pars=pars, max_num_seqs=1)
-    t0 = time.time()
+    sched = build(pars=pars, virtual=True, max_num_seqs=1)
+    t0 = CLOCK.wall()
     first = [factory.make(prompt_ids(tokenizer, f"n {n}"), 2, arrival_time=t0 + i * 1e-3) for i, n in enumerate([9, 1, 5])]
     for r in first:
         sched.add_request(r)
@@ -606,13 +665,10 @@ def test_aging_bounds_the_wait_of_a_long_request(build, factory):
         return None
 
     assert first_admission(0.0) is None  # no aging: starved for the whole horizon
-    aging = 1.0
-    window = aging_wait_bound(short_len, long_len, aging)  # later arrivals cannot overtake it
-    overtakers = math.floor(window / dt) + 1
-    bound = overtakers * short_len + short_len  # each short holds the slot short_len steps
-    admitted_at = first_admission(aging)
-    assert admitted_at is not None and admitted_at <= bound
-    assert admitted_at >= window / dt  # it did wait for the shorts that were ahead of it
+    # Aging 1.0/s: short i (score 2, arrives at i + 1 s) is ahead of the long one (score 40,
+    # at 0 s) while 2 + (i + 1) < 40, i.e. for i = 0..36; short 37 ties and loses on arrival
+    # time. Each short holds the one slot for 2 steps, so the 37 of them fill steps 0..73.
+    assert first_admission(1.0) == 74
 
 
 # ---------------------------------------------------------------------- async, config, stats

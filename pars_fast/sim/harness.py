@@ -71,8 +71,10 @@ def make_vllm_config(
     return vllm_config
 
 
-def make_scheduler(scheduler_cls: type[Scheduler], vllm_config: VllmConfig, log_stats: bool = False) -> Scheduler:
-    """Build ``scheduler_cls`` the way the engine core does, on a model-free KV cache."""
+def make_scheduler(scheduler_cls: type[Scheduler], vllm_config: VllmConfig, log_stats: bool = False, **extra: Any) -> Scheduler:
+    """Build ``scheduler_cls`` the way the engine core does, on a model-free KV cache.
+
+    ``extra`` goes to the constructor too (``pars_runtime=`` for ``PARSScheduler``)."""
     block_size = vllm_config.cache_config.block_size
     num_blocks = vllm_config.cache_config.num_gpu_blocks
     kv_cache_config = KVCacheConfig(
@@ -88,6 +90,7 @@ def make_scheduler(scheduler_cls: type[Scheduler], vllm_config: VllmConfig, log_
         structured_output_manager=StructuredOutputManager(vllm_config),
         block_size=block_size,
         log_stats=log_stats,
+        **extra,
     )
 
 

@@ -5,27 +5,34 @@ How it plugs in (vLLM 0.32; the scheduler interface is not public, so it is pinn
 * ``__init__`` replaces ``self.waiting`` and ``self.kv_holding_waiting`` with
   ``ScoredRequestQueue`` right after ``Scheduler.__init__``, and starts the scoring
   worker (:mod:`pars_fast.vllm.worker`), which loads and warms up the ranker.
-* ``add_request`` gives a new request an FCFS key and notes it as unscored. It is in
-  the queue from the start, so vLLM's counts and aborts see it like any request.
-* ``schedule`` applies the scores that have come back (re-keying each request in
-  O(log n)), runs vLLM's step unchanged, then hands the worker the unscored requests
-  that are still waiting. It never waits on the ranker.
-* ``_free_request`` (every finish and abort goes through it) forgets the request and
-  cancels its scoring job if one is in flight.
+* ``add_request`` gives a new request an FCFS key and a record (:mod:`pars_fast.vllm.book`).
+  It is in the queue from the start, so vLLM's counts and aborts see it like any request.
+* ``schedule``, before vLLM's step: applies the scores the worker sent back (re-keying
+  each request in O(log n)), or, with the ranker inline, scores what fits the step's
+  budget. Then vLLM's step runs unchanged. After it, with a worker, the unscored
+  requests still waiting are handed to it. It never waits on the ranker.
+* ``_free_request`` (every finish and abort goes through it) forgets the request's
+  record and cancels its scoring job if one is in flight.
+* ``_update_request_as_session`` (a streaming-input session's next chunk) treats the
+  session as a new arrival: FCFS key at its new arrival time, scored again.
 
-**Score only when order matters.** A request that vLLM admits at once, because nothing
-is queued ahead of it, needs no score: order cannot change when it runs. So the ranker
-only sees requests that are still waiting after a step (plus, in that case, running
-requests without a score, whose score orders preemption). At light load it does
-nothing at all. The model-free rankers (oracle, prompt-length) cost microseconds and
-score every arrival inline, before the step.
+**Score only when order matters.** A request that vLLM admits at once needs no score:
+order cannot change when it runs. When and how much to rank is decided by
+:class:`~pars_fast.vllm.policy.RankingPolicy` from plain numbers (queue depth, free
+slots, the ranker's cost, the engine's time per request), so at light load the ranker
+does nothing at all. The model-free rankers (oracle, prompt-length) cost microseconds
+and score every arrival inline, before the step.
 
 The key is ``Request.priority``, an int: ``round((score + aging * (arrival_time - t0))
-* PRIORITY_UNITS_PER_SCORE)``. Aging is folded into the int (not left to the queue),
-so the same number drives vLLM's preemption: ``self.policy`` is set to PRIORITY,
+* PRIORITY_UNITS_PER_SCORE)`` (:mod:`pars_fast.aging`, the one aging mechanism). Aging
+is in the int, so the same number drives vLLM's preemption: ``self.policy`` is set to PRIORITY,
 whose victim is the running request with the largest ``(priority, arrival_time)``,
 i.e. the longest predicted response net of aging. A request without a score keeps
 the running mean score as its own: it holds its arrival-order place among the scored.
+
+Time comes from one :class:`~pars_fast.clock.Clock` (``pars_runtime``, see
+:mod:`pars_fast.vllm.runtime`): the machine's in production, a virtual one in
+``pars_fast.sim``, which runs this very code on simulated time.
 
 vLLM runs ``AsyncScheduler`` when async scheduling is on; ``PARSScheduler(...)`` then
 builds a ``PARSAsyncScheduler`` (same PARS logic on top of ``AsyncScheduler``), so one
@@ -38,7 +45,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,10 +57,15 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from pars_fast.aging import PRIORITY_UNITS_PER_SCORE, aged_priority
 from pars_fast.queue import ScoredRequestQueue
+from pars_fast.traces import TraceRow, TraceWriter
+from pars_fast.vllm.book import RequestBook, ScoreState, Tracked
 from pars_fast.vllm.compat import check_vllm_version
 from pars_fast.vllm.config import PARSConfig
-from pars_fast.traces import TraceRow, TraceWriter
+from pars_fast.vllm.policy import RankingPolicy
+from pars_fast.vllm import prometheus
+from pars_fast.vllm.runtime import SchedulerRuntime
 from pars_fast.vllm.scoring import (
     PROMPT_DECODE_CAP,
     GuardedScorer,
@@ -65,6 +76,8 @@ from pars_fast.vllm.scoring import (
     build_scorer,
     cheap_scorer,
     default_ranker_path,
+    event_log,
+    log_event,
     record_fallback,
     served_tokenizer,
 )
@@ -72,26 +85,21 @@ from pars_fast.vllm.worker import ScoringWorker
 
 logger = logging.getLogger("pars_fast.vllm")
 
-# Integer priority units per score unit. Fine enough that distinct float32 scores stay
-# distinct; small enough that |score| <= 1e9 plus years of aging fit in int64 and in a
-# double's 53-bit mantissa.
-PRIORITY_UNITS_PER_SCORE = 1_000_000
-# Inline scoring under a time budget sizes each chunk to fill at most this fraction of
-# what is left of the budget, at the measured cost per prompt (a first chunk is 1 prompt).
-INLINE_BUDGET_MARGIN = 0.5
 # An inline chunk sized to fit fallback.budget_s that takes this many times the budget
 # means the ranker is too slow to score inline: it rests (fallback.retry_after_s).
 INLINE_TIME_LIMIT_FACTOR = 3.0
 # The stats file is rewritten at most this often while serving (and always when the
 # engine goes idle and at shutdown).
 STATS_FILE_INTERVAL_S = 1.0
-# fallback.max_share compares a prompt's ranking cost with the engine's seconds per
-# request: the mean gap between its last finishes while busy, less the inline ranking
-# inside each gap, once MIN_FINISHES are known.
-FINISH_WINDOW = 64
-MIN_FINISHES = 8
-# Seconds of inline ranking allowed after an idle period before MIN_FINISHES are known.
-WARMUP_RANKING_S = 1.0
+# A worker holds at most this many batches of jobs at a time: enough that it never idles
+# between steps, few enough that a burst of thousands is handed over a batch at a time
+# (each step's hand-off stays small), oldest waiting first.
+MAX_BATCHES_IN_FLIGHT = 4
+# Seconds per step an inline online learner may spend learning from finished requests;
+# the rest wait for the next steps (it runs on the engine thread).
+ONLINE_INLINE_BUDGET_S = 0.002
+# Finished requests an inline online learner may hold back before dropping the oldest.
+ONLINE_INLINE_BACKLOG = 4096
 
 
 @dataclass
@@ -100,11 +108,14 @@ class SchedulerCounters:
 
     requests_unranked: int = 0  # finished unscored (admitted at once, or ranked FCFS under fallback.max_share)
     scores_applied: int = 0  # scores that re-keyed a live request
-    scores_late: int = 0  # scores that came back after their request finished or was aborted
+    scores_late: int = 0  # scores that came back after their request finished, or for a prompt that changed
     rekeyed_waiting: int = 0
     rekeyed_running: int = 0  # scored after admission: the score orders preemption only
     online_resets: int = 0  # reset_prefix_cache() calls that cleared the online learner
-    share_limited_steps: int = 0  # steps that skipped inline ranking: it would cost over fallback.max_share
+    rank_steps: int = 0  # steps that scored inline or handed jobs to the worker
+    remote_kv_unranked: int = 0  # P/D decode-side requests: vLLM drains them first, so never scored
+    sessions_rescored: int = 0  # streaming-input sessions whose next chunk made them a new arrival
+    online_dropped: int = 0  # finished requests an inline online learner had no time for
 
 
 class PARSScheduler(Scheduler):
@@ -113,7 +124,8 @@ class PARSScheduler(Scheduler):
     Use it by name: ``--scheduler-cls pars_fast.vllm.PARSScheduler`` (settings in
     ``--additional-config '{"pars": {...}}'``, see ``pars_fast.vllm.config.PARSConfig``).
     Overrides, by vLLM method name: ``__init__``, ``add_request``, ``schedule``,
-    ``_free_request``, ``shutdown`` (plus ``__new__`` to pick the async variant).
+    ``_free_request``, ``_update_request_as_session``, ``reset_prefix_cache``,
+    ``shutdown`` (plus ``__new__`` to pick the async variant).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PARSScheduler:
@@ -124,12 +136,17 @@ class PARSScheduler(Scheduler):
         return super().__new__(cls)
 
     # vLLM: Scheduler.__init__
-    def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, *args: Any, pars_runtime: SchedulerRuntime | None = None, **kwargs: Any
+    ) -> None:
+        runtime = pars_runtime or SchedulerRuntime()
+        self.clock = runtime.clock
         # Settings first: a bad config fails before vLLM sets up anything.
         config = self.pars_config = PARSConfig.from_vllm_config(vllm_config)
         _route_logs_like_vllm()
         check_vllm_version()  # warns (or, with PARS_FAST_STRICT_VLLM=1, fails) outside the tested range
-        if config.ranker == "default":
+        _warn_about_other_priority_users(vllm_config)
+        if config.ranker == "default" and (runtime.build_scorer is None or runtime.open_link is None):
             default_ranker_path()  # fails now, with what to run, if it was never trained
         super().__init__(vllm_config, *args, **kwargs)
         # PARS owns the order of both waiting queues; aging is folded into the priority.
@@ -138,60 +155,73 @@ class PARSScheduler(Scheduler):
         # Preemption victim = max (priority, arrival_time) = longest predicted response.
         self.policy = SchedulingPolicy.PRIORITY
         self._aging = config.aging
-        self._min_queue = config.min_queue if config.min_queue != "auto" else 2 * self.max_num_running_reqs
-        self._t0 = time.time()  # priorities count aging from here, to keep the ints small
-        self._unscored: dict[str, Request] = {}  # arrival order; not scored, not submitted
+        self._t0 = self.clock.wall()  # priorities count aging from here, to keep the ints small
+        self._book = RequestBook()
         self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
         self._num_scores = 0
+        self._left_waiting = 0  # requests the last step could not admit
         self.counters = SchedulerCounters()
+        self._ranking_queue_depth = event_log()  # requests waiting at each step that ranked
         self._given_up = ScoringStats()  # requests a hung or dead worker never scored
         self._warned_client_priority = False
         self._warned_budget = False
-        # Seconds between the last finishes while the engine was busy (fallback.max_share).
-        self._finish_gaps: deque[float] = deque(maxlen=FINISH_WINDOW)
-        self._last_finish: float | None = None
-        self._ranking_since_finish = 0.0  # inline ranking inside the current gap: not the model's time
-        self._ranking_since_idle = 0.0  # until MIN_FINISHES are known, at most WARMUP_RANKING_S of it
-        self._next_log = time.monotonic() + config.log_interval_s
+        self._next_log = self.clock.now() + config.log_interval_s
         self._stats_file = _stats_path(config.stats_file, vllm_config)
+        self._metrics = prometheus.enabled()  # pars_fast_* on vLLM's /metrics (docs/METRICS.md)
         self._next_stats_write = 0.0
 
         # Where scoring runs. Model-free scorers, and "inline", run inside schedule().
-        placement = _cpu_placement(vllm_config)
-        mode = config.worker_mode(spare_cpus=None if placement is None else bool(placement.spare))
+        spare = runtime.spare_cpus
+        placement = None
+        if spare is None:
+            placement = _cpu_placement(vllm_config)
+            spare = None if placement is None else bool(placement.spare)
+        mode = config.worker_mode(spare_cpus=spare)
         self._guard: GuardedScorer | None = None
         self._worker: ScoringWorker | None = None
         self._inline_online: OnlineScorer | None = None
-        self._score_everything = False
         self._decode_cap = PROMPT_DECODE_CAP
         tokenizer = None
         cheap = cheap_scorer(config)
         if cheap is not None:
-            self._guard = GuardedScorer(cheap, config.fallback)
-            self._score_everything = True  # microseconds: score every arrival before the step
+            self._guard = GuardedScorer(cheap, config.fallback, clock=self.clock)
             self._decode_cap = 0  # they read lengths, not text
-        else:
-            tokenizer = served_tokenizer(vllm_config.model_config)
-            if mode == "inline":
+        elif mode == "inline":
+            if runtime.build_scorer is None:
+                tokenizer = served_tokenizer(vllm_config.model_config)
                 scorer = build_scorer(config, tokenizer, online=True)
-                budget = config.fallback.budget_s
-                limit = None if budget is None else INLINE_TIME_LIMIT_FACTOR * budget
-                self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=limit)
-                scorer.warm_up()
-                self._inline_online = scorer if isinstance(scorer, OnlineScorer) else None
             else:
-                self._worker = ScoringWorker(config, tokenizer, mode, cpus=_worker_cpus(config, placement))
-                self._worker.start()  # loads and warms up the ranker; a bad one fails here
+                scorer = runtime.build_scorer(config, None)
+            budget = config.fallback.budget_s
+            limit = None if budget is None else INLINE_TIME_LIMIT_FACTOR * budget
+            self._guard = GuardedScorer(scorer, config.fallback, time_limit_s=limit, clock=self.clock)
+            warm_up = getattr(scorer, "warm_up", None)
+            if warm_up is not None:
+                warm_up()
+            self._inline_online = scorer if isinstance(scorer, OnlineScorer) else None
+        else:
+            if runtime.open_link is None:
+                tokenizer = served_tokenizer(vllm_config.model_config)
+            self._worker = ScoringWorker(
+                config, tokenizer, mode, cpus=_worker_cpus(config, placement), clock=self.clock, open_link=runtime.open_link
+            )
+            self._worker.start()  # loads and warms up the ranker; a bad one fails here
+        self._max_in_flight = MAX_BATCHES_IN_FLIGHT * config.score_batch_max
+        self._ranking = RankingPolicy(
+            min_queue=config.min_queue if config.min_queue != "auto" else auto_min_queue(self.max_num_running_reqs),
+            budget_s=config.fallback.budget_s,
+            max_share=config.fallback.max_share,
+            batch_max=config.score_batch_max,
+            rank_everything=cheap is not None,
+        )
         # Online learning needs a text ranker; traces work with any scorer.
         self._online = (self._worker is not None and config.online.enabled) or self._inline_online is not None
-        self._observations: list[Observation] = []
-        self._scores: dict[str, float] = {}  # the score each live request is ordered by
+        self._observations: deque[Observation] = deque()
         self._trace: TraceWriter | None = None
         if config.trace is not None:
             if config.trace.prompts and tokenizer is None:
                 tokenizer = served_tokenizer(vllm_config.model_config)
             self._trace = TraceWriter(config.trace, tokenizer)
-        self._first_scheduled: dict[str, float] = {}  # for traces: when each request was first admitted
         logger.info(
             "%s: ranker=%s scoring=%s aging=%g/s min_queue=%d score_batch_max=%d%s",
             type(self).__name__,
@@ -199,7 +229,7 @@ class PARSScheduler(Scheduler):
             "inline" if self._worker is None else f"{mode} worker (pid {self._worker.info.get('pid')}, "
             f"cpus {self._worker.info.get('cpus', 'any')}, warm-up {self._worker.info.get('warmup_s', 0):.2f} s)",
             self._aging,
-            self._min_queue,
+            self._ranking.min_queue,
             config.score_batch_max,
             "" if config.fallback.budget_s is None else f" budget_s={config.fallback.budget_s:g}",
         )
@@ -216,59 +246,86 @@ class PARSScheduler(Scheduler):
             request.priority = self._priority(self._mean_score, request.arrival_time)
         super().add_request(request)
         if is_new:
-            self._unscored[request.request_id] = request
+            params = request.kv_transfer_params
+            if params and params.get("do_remote_prefill"):
+                # A P/D decode node: vLLM waits for the remote KV, then runs it ahead of the
+                # queue; a score would order nothing.
+                self._book.add(request, ScoreState.UNRANKED)
+                self.counters.remote_kv_unranked += 1
+            else:
+                self._book.add(request)
 
     # vLLM: Scheduler.schedule
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if self._worker is not None:
             self._collect_scores()
-        elif self._unscored and (self._score_everything or self._queue_is_deep()):
+        elif self._book.num_waiting_unscored and self._ranking.queue_is_deep(
+            self._queue_depth(), self._free_slots(), self._left_waiting
+        ):
             self._score_inline()
         output = super().schedule(*args, **kwargs)
-        if self._worker is not None and self._unscored and self._queue_is_deep():
+        self._note_moves(output)
+        self._left_waiting = self._queue_depth()
+        if (
+            self._worker is not None
+            and self._book.num_waiting_unscored
+            and self._ranking.queue_is_deep(self._left_waiting, 0, self._left_waiting)
+        ):
             self._submit_waiting()
-        if self._trace is not None and output.scheduled_new_reqs:
-            stamp = time.time()
-            for new in output.scheduled_new_reqs:
-                self._first_scheduled.setdefault(new.req_id, stamp)
         if self._observations:
             self._flush_observations()
-        now = time.monotonic()
+        now = self.clock.now()
         if self.pars_config.log_interval_s and now >= self._next_log:
             self._log_stats()
-        if self._stats_file is not None and now >= self._next_stats_write:
+        if (self._stats_file is not None or self._metrics) and now >= self._next_stats_write:
             self._write_stats()
         return output
 
     # vLLM: Scheduler._free_request (every finish and abort passes here)
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         rid = request.request_id
-        now = time.perf_counter()
-        if self._last_finish is not None:
-            # Without the ranking's own stalls: they would make an expensive ranker look cheap.
-            self._finish_gaps.append(max(0.0, now - self._last_finish - self._ranking_since_finish))
-        self._last_finish = now
-        self._ranking_since_finish = 0.0
-        unscored = self._unscored.pop(rid, None) is not None
-        if unscored:
-            self.counters.requests_unranked += 1
-        elif self._worker is not None:
-            self._worker.cancel((rid,))
-        score = self._scores.pop(rid, None)
+        rec = self._book.forget(rid)
+        # Only a request that ran to its end measures the engine's time per request.
+        status = request.status
+        self._ranking.on_finish(
+            self.clock.now(), ran=status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        )
+        scored = rec is not None and rec.state is ScoreState.SCORED
+        if rec is not None:
+            if rec.state is ScoreState.UNSCORED:
+                self.counters.requests_unranked += 1
+            elif rec.state is ScoreState.SUBMITTED and self._worker is not None:
+                self._worker.cancel((rid,))
         if self._online:
-            self._observe(request, scored=score is not None)
+            self._observe(request, scored=scored)
         if self._trace is not None:
-            self._trace_row(request, score)
+            self._trace_row(request, rec)
         freed = super()._free_request(request, *args, **kwargs)
-        if not self.requests:  # idle now: send what finished, and the stats file shows the final counts
-            # An idle gap is not the engine's time per request, and what finished before it
-            # (warm-ups, another workload) is not what comes next: measure afresh.
-            self._last_finish = None
-            self._finish_gaps.clear()
-            self._ranking_since_idle = 0.0
-            self._flush_observations()
+        if self._is_idle():  # send what finished, and the stats file shows the final counts
+            self._ranking.on_idle()
+            self._flush_observations(everything=True)
             self._write_stats()
         return freed
+
+    # vLLM: Scheduler._update_request_as_session (a streaming-input session's next chunk)
+    def _update_request_as_session(self, session: Request, update: Any) -> None:
+        """The session's prompt grew and its arrival time was reset: for ordering it is a
+        new arrival, so it gets a new FCFS key and is scored again (its old score was for
+        a prompt it no longer has)."""
+        super()._update_request_as_session(session, update)
+        session.priority = self._priority(self._mean_score, session.arrival_time)
+        for queue in (self.waiting, self.kv_holding_waiting):
+            if session in queue:
+                queue.update_request(session)
+        rec = self._book.get(session.request_id)
+        if rec is None:
+            return
+        self._book.preempted(session.request_id)  # it waits again
+        self.counters.sessions_rescored += 1
+        if rec.state is ScoreState.SUBMITTED:
+            rec.rescore = True  # the score on its way is for the old prompt
+        elif rec.state is not ScoreState.UNRANKED:
+            self._book.set_state(rec, ScoreState.UNSCORED)
 
     # vLLM: Scheduler.reset_prefix_cache (also called in vLLM's cache-reset cascade after a weight update)
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
@@ -285,7 +342,7 @@ class PARSScheduler(Scheduler):
     # vLLM: Scheduler.shutdown
     def shutdown(self) -> None:
         if self._worker is not None:
-            self._flush_observations()
+            self._flush_observations(everything=True)
             self._worker.close()
         if self._trace is not None:
             self._trace.close()
@@ -315,7 +372,6 @@ class PARSScheduler(Scheduler):
             scoring["last_fallback_reason"] = given_up.last_fallback_reason
         # Not get_request_counts(): inside a finish, vLLM prunes `running` after freeing.
         num_running = sum(not r.is_finished() for r in self.running)
-        num_waiting = len(self.waiting) + len(self.kv_holding_waiting)
         if self._online:
             scoring.setdefault("online", {})
         if self._trace is not None:
@@ -323,44 +379,68 @@ class PARSScheduler(Scheduler):
         return {
             **scoring,
             **asdict(self.counters),
+            **self._ranking.stats(),
             "worker": worker,
             "ranker": self.pars_config.ranker,
-            "num_waiting": num_waiting,
+            "min_queue": self._ranking.min_queue,
+            "num_waiting": self._queue_depth(),
             "num_running": num_running,
-            "num_unscored": len(self._unscored),
+            "num_unscored": self._book.num_unscored,
+            "ranking_queue_depth": self._ranking_queue_depth,
         }
 
     def wait_for_scores(self, timeout_s: float = 60.0) -> bool:
-        """Block until the worker has answered every job it holds (tests and benchmarks only;
-        vLLM never calls this). The next ``schedule()`` applies the scores."""
+        """Block until the worker has answered every job sent so far (tests and benchmarks
+        only; vLLM never calls this). The next ``schedule()`` applies the scores."""
         return self._worker is None or self._worker.wait_idle(timeout_s)
 
     def sync_worker(self, timeout_s: float = 60.0) -> bool:
         """Block until the worker has handled everything sent so far (finished requests
         learned from, stats current). Tests and benchmarks only."""
         if self._worker is None:
+            self._flush_observations(everything=True)
             return True
-        self._flush_observations()
+        self._flush_observations(everything=True)
         return self._worker.sync(timeout_s)
 
     def _priority(self, score: float, arrival_time: float) -> int:
-        return round((score + self._aging * (arrival_time - self._t0)) * PRIORITY_UNITS_PER_SCORE)
+        return aged_priority(score, arrival_time, self._t0, self._aging)
 
-    def _queue_is_deep(self) -> bool:
-        """True when at least ``min_queue`` requests wait beyond what this step can admit.
+    def _queue_depth(self) -> int:
+        """Requests queued for admission (a streaming session paused for input is queued,
+        but waits for its client, not for a slot)."""
+        return len(self.waiting) + len(self.kv_holding_waiting) - self.num_waiting_for_streaming_input
 
-        Below that, order is left alone (FCFS): reordering a queue a few requests deep
-        gains next to nothing, and it is where a long request's wait stretches the tail.
-        """
-        active_cap = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
-        free = active_cap - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0)
-        return len(self.waiting) + len(self.kv_holding_waiting) - max(0, free) >= self._min_queue
+    def _free_slots(self) -> int:
+        """Running slots free now (vLLM counts paused streaming sessions as active)."""
+        cap = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
+        return cap - len(self.running) - self.num_waiting_for_streaming_input
+
+    def _is_idle(self) -> bool:
+        """Nothing running or queued (sessions paused for input aside). Not ``self.requests``:
+        a KV connector may hold finished requests there until their blocks are freed."""
+        return len(self._book) <= self.num_waiting_for_streaming_input
+
+    def _note_moves(self, output: SchedulerOutput) -> None:
+        """Tell the book which requests this step admitted, resumed and preempted."""
+        book = self._book
+        if output.scheduled_new_reqs:
+            wall = self.clock.wall()
+            for new in output.scheduled_new_reqs:
+                book.admitted(new.req_id, wall)
+        resumed = getattr(output.scheduled_cached_reqs, "resumed_req_ids", None)
+        if resumed:
+            wall = self.clock.wall()
+            for rid in resumed:
+                book.admitted(rid, wall)
+        for rid in getattr(output, "preempted_req_ids", None) or ():
+            book.preempted(rid)
 
     def _job(self, request: Request) -> ScoreJob:
         ids = request.prompt_token_ids
         return ScoreJob(
             request_id=request.request_id,
-            prompt_token_ids=None if ids is None or not self._decode_cap else list(ids[: self._decode_cap]),
+            prompt_token_ids=None if ids is None or not self._decode_cap else ids[: self._decode_cap],
             num_prompt_tokens=request.num_prompt_tokens,
             max_tokens=request.max_tokens,
         )
@@ -386,140 +466,134 @@ class PARSScheduler(Scheduler):
             )
         )
 
-    def _flush_observations(self) -> None:
-        if self._observations:
-            if self._worker is not None:
-                self._worker.observe(self._observations)
-            elif self._inline_online is not None:
-                self._inline_online.observe(self._observations)  # microseconds per request: no embedding
-        self._observations = []
+    def _flush_observations(self, everything: bool = False) -> None:
+        """Send finished requests to the worker's learner, or learn from them inline: on the
+        engine thread, so at most ONLINE_INLINE_BUDGET_S per step (``everything``: all)."""
+        if not self._observations:
+            return
+        if self._worker is not None:
+            self._worker.observe(list(self._observations))
+            self._observations.clear()
+            return
+        online = self._inline_online
+        if online is None:
+            self._observations.clear()
+            return
+        start = self.clock.now()
+        while self._observations and (everything or self.clock.now() - start < ONLINE_INLINE_BUDGET_S):
+            online.observe([self._observations.popleft()])
+        while len(self._observations) > ONLINE_INLINE_BACKLOG:
+            self._observations.popleft()
+            self.counters.online_dropped += 1
 
-    def _trace_row(self, request: Request, score: float | None) -> None:
-        rid = request.request_id
-        admitted = self._first_scheduled.pop(rid, None)
+    def _trace_row(self, request: Request, rec: Tracked | None) -> None:
         ids = request.prompt_token_ids
+        admitted = None if rec is None else rec.admitted_at
         self._trace.write(
             TraceRow(
-                request_id=rid,
+                request_id=request.request_id,
                 arrival_time=request.arrival_time,
-                finish_time=time.time(),
+                finish_time=self.clock.wall(),
                 prompt_tokens=request.num_prompt_tokens,
                 output_tokens=request.num_output_tokens,
                 finish_reason=_finish_reason(request.status),
-                score=score,
+                score=rec.score if rec is not None and rec.state is ScoreState.SCORED else None,
                 queue_wait_s=None if admitted is None else max(0.0, admitted - request.arrival_time),
                 ranker=self.pars_config.ranker,
                 prompt_token_ids=list(ids) if self.pars_config.trace.prompts and ids is not None else None,
             )
         )
 
-    def _ranking_pays(self) -> bool:
-        """``fallback.max_share``: rank inline only while a prompt costs the ranker at most
-        this share of the engine's time per finished request (over the last finishes).
-
-        Scoring inline is serial with the model. Where it costs a large part of what serving
-        a request costs (short responses, a slow CPU), it slows the engine, which deepens the
-        queue, which calls for more scoring; then FCFS is the better order.
-        """
-        share = self.pars_config.fallback.max_share
-        per_job = self._guard.seconds_per_job if self._guard is not None else 0.0
-        if share is None or self._score_everything or per_job == 0:
-            return True
-        if len(self._finish_gaps) < MIN_FINISHES:
-            # Not measured yet. Ranking stalls delay the first finishes too (a short request
-            # needs tens of steps), so an expensive ranker could rank a whole burst first.
-            return self._ranking_since_idle < WARMUP_RANKING_S
-        return per_job <= share * (sum(self._finish_gaps) / len(self._finish_gaps))
+    def _note_ranking(self) -> None:
+        self.counters.rank_steps += 1
+        log_event(self._ranking_queue_depth, self._queue_depth())
 
     def _score_inline(self) -> None:
-        """Score unscored requests in this step, within ``fallback.budget_s`` if one is set
-        (and not at all while ranking would cost more than ``fallback.max_share``)."""
-        guard = self._guard
+        """Score unscored requests in this step, waiting ones first, within
+        ``fallback.budget_s`` (and not at all while ranking would cost more than
+        ``fallback.max_share``); the policy sizes each chunk."""
+        guard, policy = self._guard, self._ranking
         assert guard is not None
-        if not self._ranking_pays():
-            self.counters.share_limited_steps += 1  # FCFS keys: a prompt costs too much of a request
-            return
-        pending = list(self._unscored.values())
-        budget = self.pars_config.fallback.budget_s
-        batch_max = self.pars_config.score_batch_max
-        start = time.perf_counter()
-        i = 0
-        while i < len(pending) and not guard.resting():
-            n = batch_max
-            if budget is not None and not self._score_everything:
-                # A chunk must fit what is left of the budget. Its size comes from the
-                # measured cost per prompt, with a 2x margin: small chunks cost more per
-                # prompt than the batches the estimate mostly comes from.
-                remaining = budget - (time.perf_counter() - start)
-                per_job = guard.seconds_per_job
-                n = 1 if per_job == 0 else min(batch_max, int(INLINE_BUDGET_MARGIN * remaining / per_job))
-                if n < 1 and i == 0 and 0 < per_job <= remaining:
-                    # One prompt fits: score it. This also re-measures a cost that a cold first
-                    # call inflated; without it, one slow call would keep the ranker out for good.
-                    n = 1
-                if n < 1 or remaining <= 0:
-                    if i == 0 and not self._warned_budget and per_job > budget:
-                        self._warned_budget = True
-                        logger.warning(
-                            "PARS: one prompt costs the ranker %.1f ms, more than budget_s=%g s: "
-                            "requests stay in FCFS order until it fits; raise fallback.budget_s or use a cheaper ranker",
-                            per_job * 1e3, budget,
-                        )
-                    break  # the rest wait for the next step, in FCFS position
-            chunk = pending[i : i + n]
-            i += len(chunk)
-            scores = guard.score([self._job(r) for r in chunk])
-            for request, score in zip(chunk, scores.tolist()):
-                del self._unscored[request.request_id]
-                self._apply(request, score)
-        spent = time.perf_counter() - start
-        self._ranking_since_finish += spent
-        self._ranking_since_idle += spent
+        if not policy.inline_pays(guard.seconds_per_job):
+            return  # FCFS keys: a prompt costs too much of a request
+        self._note_ranking()
+        start = self.clock.now()
+        spent = 0.0
+        first = True
+        while not guard.resting():
+            locked_out = first and policy.locked_out(guard.seconds_per_job)
+            n = policy.next_chunk(now=start + spent, spent_s=spent, cost_per_prompt=guard.seconds_per_job, first=first)
+            if n == 0:
+                if locked_out and not self._warned_budget:
+                    self._warned_budget = True
+                    logger.warning(
+                        "PARS: one prompt costs the ranker %.1f ms, more than budget_s=%g s: requests stay in FCFS "
+                        "order, and one prompt is scored every %g s to re-measure; raise fallback.budget_s or use a "
+                        "cheaper ranker",
+                        guard.seconds_per_job * 1e3, policy.budget_s, policy.probe_interval_s,
+                    )
+                break
+            chunk = self._book.pick_unscored(n)
+            if not chunk:
+                break
+            scores = guard.score([self._job(rec.request) for rec in chunk], remeasure=locked_out)
+            for rec, score in zip(chunk, scores.tolist()):
+                self._apply(rec, score)
+            spent = self.clock.now() - start
+            first = False
+        policy.on_ranking(spent)
         if guard.resting():  # a failure paused the ranker: the rest keep FCFS keys for good
-            rest = [r for r in pending[i:] if r.request_id in self._unscored]
-            for r in rest:
-                del self._unscored[r.request_id]
+            rest = self._book.pick_unscored(self._book.num_unscored)
+            for rec in rest:
+                self._book.set_state(rec, ScoreState.UNRANKED)
             if rest:
-                guard.score([self._job(r) for r in rest])  # counts them as cool-down fallbacks
+                guard.score([self._job(rec.request) for rec in rest])  # counts them as cool-down fallbacks
 
     def _submit_waiting(self) -> None:
-        """Hand the worker every unscored request that is still waiting after this step.
-
-        Running requests without a score go along (after them) once anything waits,
-        because then a preemption may have to choose among them.
-        """
-        waiting, running = [], []
-        for request in self._unscored.values():
-            if request.status == RequestStatus.RUNNING:
-                running.append(request)
-            else:
-                waiting.append(request)
-        if not waiting:
+        """Hand the worker the unscored requests still waiting after this step, oldest
+        first (then unscored running ones, whose score orders preemption), up to
+        MAX_BATCHES_IN_FLIGHT batches in flight."""
+        worker = self._worker
+        if not worker.accepting:  # down or reloading: build nothing
             return
-        batch = waiting + running
-        if self._worker.submit([self._job(r) for r in batch]):
-            for request in batch:
-                del self._unscored[request.request_id]
+        chunk = self._book.pick_unscored(self._max_in_flight - worker.in_flight)
+        if not chunk:
+            return
+        self._note_ranking()
+        if worker.submit([self._job(rec.request) for rec in chunk]):
+            for rec in chunk:
+                self._book.set_state(rec, ScoreState.SUBMITTED)
 
     def _collect_scores(self) -> None:
-        results, given_up = self._worker.poll()
+        results, lost = self._worker.poll()
+        book = self._book
         for request_id, score in results:
-            request = self.requests.get(request_id)
-            if request is None or request.is_finished():
+            rec = book.get(request_id)
+            if rec is None or rec.state is not ScoreState.SUBMITTED:
+                self.counters.scores_late += 1  # finished or aborted meanwhile
+            elif rec.rescore:  # its prompt changed after it was sent: score it again
+                rec.rescore = False
+                book.set_state(rec, ScoreState.UNSCORED)
                 self.counters.scores_late += 1
             else:
-                self._apply(request, score)
-        if given_up:
-            record_fallback(self._given_up, len(given_up), "worker lost", "the worker hung or died with these in flight")
+                self._apply(rec, score)
+        if lost:
+            given_up = book.with_state(ScoreState.SUBMITTED)
+            for rec in given_up:
+                book.set_state(rec, ScoreState.UNRANKED)
+            if given_up:
+                record_fallback(self._given_up, len(given_up), "worker lost", "the worker hung or died with these in flight")
 
-    def _apply(self, request: Request, score: float) -> None:
-        """Re-key ``request`` by its score (NaN: it keeps its FCFS key)."""
+    def _apply(self, rec: Tracked, score: float) -> None:
+        """Re-key a request by its score (NaN: it keeps its FCFS key for good)."""
         if math.isnan(score):
+            self._book.set_state(rec, ScoreState.UNRANKED)
             return
+        self._book.set_state(rec, ScoreState.SCORED, score)
         self._num_scores += 1
         self._mean_score += (score - self._mean_score) / self._num_scores
         self.counters.scores_applied += 1
-        self._scores[request.request_id] = score
+        request = rec.request
         priority = self._priority(score, request.arrival_time)
         if priority == request.priority:
             return
@@ -534,7 +608,7 @@ class PARSScheduler(Scheduler):
             self.counters.rekeyed_running += 1
 
     def _log_stats(self) -> None:
-        self._next_log = time.monotonic() + self.pars_config.log_interval_s
+        self._next_log = self.clock.now() + self.pars_config.log_interval_s
         s = self.pars_stats()
         online = s.get("online") or {}
         logger.info(
@@ -543,7 +617,7 @@ class PARSScheduler(Scheduler):
             s["requests_scored"],
             s["requests_fallback"],
             s["requests_unranked"],
-            s["scores_late"] + s["worker"].get("late_scores", 0),
+            s["scores_late"],
             s["scoring_seconds"],
             s["decode_seconds"],
             s["max_batch_seconds"] * 1e3,
@@ -555,19 +629,47 @@ class PARSScheduler(Scheduler):
         )
 
     def _write_stats(self) -> None:
-        from pars_fast.vllm.prometheus import publish  # pars_fast_* on vLLM's /metrics (docs/METRICS.md)
-
-        publish(self.pars_stats(), getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
+        """Publish the counters: to vLLM's /metrics and/or the stats file (at most once a
+        STATS_FILE_INTERVAL_S while serving, and at idle and shutdown)."""
+        if self._stats_file is None and not self._metrics:
+            return
+        self._next_stats_write = self.clock.now() + STATS_FILE_INTERVAL_S
+        stats = self.pars_stats()
+        if self._metrics:
+            prometheus.publish(stats, getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
         if self._stats_file is None:
             return
-        self._next_stats_write = time.monotonic() + STATS_FILE_INTERVAL_S
         try:
             tmp = self._stats_file.with_name(f".{self._stats_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**self.pars_stats(), "time": time.time()}, indent=1) + "\n")
+            tmp.write_text(json.dumps({**stats, "time": self.clock.wall()}, indent=1) + "\n")
             os.replace(tmp, self._stats_file)  # atomic: a reader never sees half a file
         except OSError as exc:
             logger.warning("PARS: cannot write stats file %s (%s); no longer writing it", self._stats_file, exc)
             self._stats_file = None
+
+
+def auto_min_queue(max_num_seqs: int) -> int:
+    """``min_queue: "auto"``: rank once this many requests wait beyond what a step admits."""
+    return 2 * max_num_seqs
+
+
+def _warn_about_other_priority_users(vllm_config: VllmConfig) -> None:
+    """PARS writes ``Request.priority`` (scores x 1e6 plus aging): any other reader of it
+    now sees those numbers. LMCache's vLLM connector skips saving the KV of requests whose
+    priority exceeds its ``priority_limit``: with PARS that gate cuts at an arbitrary score."""
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    connector = getattr(kv, "kv_connector", None) or ""
+    if "lmcache" not in connector.lower():
+        return
+    extra = getattr(kv, "kv_connector_extra_config", None) or {}
+    limit = os.environ.get("LMCACHE_PRIORITY_LIMIT") or extra.get("priority_limit") or extra.get("lmcache.priority_limit")
+    if limit not in (None, ""):
+        logger.warning(
+            "PARS: LMCache's priority_limit=%s is set, but PARS sets Request.priority to score x %d plus aging, so "
+            "LMCache would skip saving the KV of requests by their predicted length; unset priority_limit "
+            "(LMCACHE_PRIORITY_LIMIT) when serving with PARS (docs/ARCHITECTURE.md, 'Other users of priority')",
+            limit, PRIORITY_UNITS_PER_SCORE,
+        )
 
 
 class PARSAsyncScheduler(PARSScheduler, AsyncScheduler):

@@ -25,14 +25,14 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from pars_fast.clock import REAL_CLOCK, Clock
 from pars_fast.online import OnlineConfig, OnlineLearner
 from pars_fast.vllm.config import FallbackConfig, PARSConfig, PARSConfigError
 
@@ -48,7 +48,7 @@ PROMPT_DECODE_CAP = 8192
 # Finished-request records an OnlineScorer keeps while waiting for their labels.
 MAX_PENDING_RECORDS = 16384
 # Scores are clamped to +-SCORE_LIMIT so a wild ranker output cannot overflow the
-# integer priority (see scheduler.PRIORITY_UNITS_PER_SCORE).
+# integer priority (see pars_fast.aging.PRIORITY_UNITS_PER_SCORE).
 SCORE_LIMIT = 1e9
 
 
@@ -101,11 +101,12 @@ class TextRankerScorer:
 
     cheap = False
 
-    def __init__(self, ranker: Any, tokenizer: Any, name: str, threads: int | None = None) -> None:
+    def __init__(self, ranker: Any, tokenizer: Any, name: str, threads: int | None = None, clock: Clock = REAL_CLOCK) -> None:
         self.ranker = ranker
         self.tokenizer = tokenizer
         self.threads = threads  # torch intra-op threads while scoring; None: leave torch's setting
         self.name = name
+        self.clock = clock
 
     def decode(self, jobs: Sequence[ScoreJob]) -> list[str | None]:
         """Prompt text of each job; None for jobs without token ids."""
@@ -119,9 +120,9 @@ class TextRankerScorer:
 
     def score_and_embed(self, jobs: Sequence[ScoreJob], embed: bool = True) -> tuple[np.ndarray, np.ndarray | None, float]:
         """Scores, the ranker's embeddings (None if it has none, or ``embed=False``), decode seconds."""
-        start = time.perf_counter()
+        start = self.clock.now()
         texts = self.decode(jobs)
-        decode_s = time.perf_counter() - start
+        decode_s = self.clock.now() - start
         known = [t for t in texts if t is not None]
         use_embed = embed and callable(getattr(self.ranker, "score_and_embed", None))
         with _threads(self.threads):
@@ -396,10 +397,27 @@ def served_tokenizer(model_config: ModelConfig | None) -> Any:
 
 # ---------------------------------------------------------------------- guarded batch scoring
 
+# Recent events an event log keeps (see EventLog): enough for a once-a-second reader.
+EVENT_LOG_RECENT = 256
+
+
+def event_log() -> dict[str, Any]:
+    """``{"count": events so far, "recent": the last EVENT_LOG_RECENT values, oldest first}``:
+    per-event values a reader (pars_fast.vllm.prometheus) turns into a histogram."""
+    return {"count": 0, "recent": []}
+
+
+def log_event(log: dict[str, Any], value: float) -> None:
+    log["count"] += 1
+    recent = log["recent"]
+    recent.append(value)
+    if len(recent) > EVENT_LOG_RECENT:
+        del recent[: len(recent) - EVENT_LOG_RECENT]
+
 
 @dataclass
 class ScoringStats:
-    """Counters of one scorer. Seconds are wall-clock, summed."""
+    """Counters of one scorer. Seconds are on the scheduler's clock, summed."""
 
     requests_scored: int = 0  # got a usable score
     requests_fallback: int = 0  # kept their FCFS key instead (see fallback_reasons)
@@ -411,6 +429,11 @@ class ScoringStats:
     max_batch_seconds: float = 0.0
     fallback_reasons: dict[str, int] = field(default_factory=dict)  # reason -> requests
     last_fallback_reason: str | None = None
+    scoring_batch_seconds: dict[str, Any] = field(default_factory=event_log)  # each batch that ran the ranker
+
+    def record_batch(self, seconds: float) -> None:
+        self.max_batch_seconds = max(self.max_batch_seconds, seconds)
+        log_event(self.scoring_batch_seconds, seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -429,7 +452,7 @@ class GuardedScorer:
         scorer: Scorer,
         fallback: FallbackConfig,
         time_limit_s: float | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         self.scorer = scorer
         self.fallback = fallback
@@ -438,19 +461,23 @@ class GuardedScorer:
         self.stats = ScoringStats()
         self._retry_at = -math.inf
         self._warned: set[str] = set()
-        self.seconds_per_job = 0.0  # running estimate, to size inline chunks under a budget
+        self.seconds_per_job = 0.0  # running estimate (EWMA), to size inline chunks under a budget
 
     def resting(self) -> bool:
-        return self.clock() < self._retry_at
+        return self.clock.now() < self._retry_at
 
-    def score(self, jobs: Sequence[ScoreJob]) -> np.ndarray:
-        """Finite score per job, or NaN for the ones to keep in FCFS position."""
+    def score(self, jobs: Sequence[ScoreJob], remeasure: bool = False) -> np.ndarray:
+        """Finite score per job, or NaN for the ones to keep in FCFS position.
+
+        ``remeasure``: this batch's cost per job replaces the running estimate instead of
+        blending into it (a probe after a lock-out: the old estimate is what is in doubt).
+        """
         n = len(jobs)
         if n == 0:
             return np.empty(0)
         stats = self.stats
         stats.batches += 1
-        start = self.clock()
+        start = self.clock.now()
         if start < self._retry_at:
             return self._fail(n, "cool-down", "ranker paused after a failure", warn=False)
         try:
@@ -459,21 +486,25 @@ class GuardedScorer:
         except Exception as exc:
             if self.fallback.on_error == "raise":
                 raise
-            self._retry_at = self.clock() + self.fallback.retry_after_s
-            stats.scoring_seconds += self.clock() - start
+            self._retry_at = self.clock.now() + self.fallback.retry_after_s
+            stats.scoring_seconds += self.clock.now() - start
+            stats.record_batch(self.clock.now() - start)
             reason = "error" if not isinstance(exc, ScoreError) else "bad output"
             return self._fail(n, reason, f"{type(exc).__name__}: {exc}")
-        elapsed = self.clock() - start
+        elapsed = self.clock.now() - start
         stats.scoring_seconds += elapsed
         stats.decode_seconds += decode_s
-        stats.max_batch_seconds = max(stats.max_batch_seconds, elapsed)
+        stats.record_batch(elapsed)
         per_job = elapsed / n
-        self.seconds_per_job = per_job if self.seconds_per_job == 0 else 0.8 * self.seconds_per_job + 0.2 * per_job
+        if remeasure or self.seconds_per_job == 0:
+            self.seconds_per_job = per_job
+        else:
+            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * per_job
         limit = self.time_limit_s
         if limit is not None and elapsed > limit:
             if self.fallback.on_error == "raise":
                 raise TimeoutError(f"PARS: scoring {n} prompts took {elapsed:.3f} s, over the {limit} s limit")
-            self._retry_at = self.clock() + self.fallback.retry_after_s
+            self._retry_at = self.clock.now() + self.fallback.retry_after_s
             return self._fail(n, "over time limit", f"{n} prompts took {elapsed:.3f} s > {limit} s")
         finite = np.isfinite(scores)
         num_bad = n - int(finite.sum())

@@ -22,14 +22,21 @@ Failure handling. A worker that raises turns the batch into NaN (FCFS) inside
 :class:`~pars_fast.vllm.scoring.GuardedScorer`. A worker that makes no progress for
 ``fallback.deadline_s`` while it has jobs is declared hung: its jobs fall back to
 FCFS, a process is killed (a thread is abandoned), and a new one starts after
-``fallback.retry_after_s``. A worker that dies is handled the same way. Messages
-parent -> worker: ``("score", [jobs])``, ``("cancel", [ids])``, ``("stop", None)``;
-worker -> parent: ``("ready", info)``, ``("error", text)``, ``("scores", ids, scores,
-stats)``, ``("stopped", stats)``.
+``fallback.retry_after_s``. A worker that dies is handled the same way. A restarted
+worker loads in the background and takes no jobs until it is ready; loading gets
+``STARTUP_TIMEOUT_S``, not ``deadline_s`` (warm-up may include Triton autotuning).
+
+Messages parent -> worker: ``("score", [jobs])``, ``("cancel", [ids])``,
+``("observe", [observations])``, ``("reset", None)``, ``("sync", token)``,
+``("stop", None)``; worker -> parent: ``("ready", info)``, ``("error", text)``,
+``("scores", ids, scores, stats, skipped)`` (every job is answered once: scored, or
+counted in ``skipped`` when cancelled before its batch), ``("stats", stats)``,
+``("synced", token, stats)``, ``("stopped", stats)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -38,13 +45,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from pars_fast.clock import REAL_CLOCK, Clock
 from pars_fast.vllm.config import PARSConfig, PARSConfigError
 from pars_fast.vllm.scoring import (
     GuardedScorer,
@@ -77,16 +84,17 @@ class Channel(Protocol):
     def send(self, msg: Any) -> None: ...
 
 
-def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
+def serve(scorer: Scorer, config: PARSConfig, chan: Channel, clock: Clock = REAL_CLOCK) -> None:
     """Score jobs as they come, ``config.score_batch_max`` at a time, until told to stop.
 
-    Cancelled jobs (their request finished or was aborted meanwhile) are skipped. With
-    an :class:`~pars_fast.vllm.scoring.OnlineScorer`, finished requests (``observe``)
-    are learned from at once, and those that were never scored are embedded when there
-    is nothing to score, within ``online.cpu_fraction`` of the worker's time. Blocks
-    only when it has nothing to do.
+    Every job is answered exactly once: with its score, or counted as skipped when it
+    was cancelled (its request finished or was aborted meanwhile) before its batch
+    started. With an :class:`~pars_fast.vllm.scoring.OnlineScorer`, finished requests
+    (``observe``) are learned from at once, and those that were never scored are
+    embedded when there is nothing to score, within ``online.cpu_fraction`` of the
+    worker's time. Blocks only when it has nothing to do.
     """
-    guard = GuardedScorer(scorer, config.fallback)
+    guard = GuardedScorer(scorer, config.fallback, clock=clock)
     online = scorer if isinstance(scorer, OnlineScorer) else None
     pending: deque[ScoreJob] = deque()
     cancelled: set[str] = set()
@@ -99,7 +107,7 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
         return out
 
     while True:
-        now = time.monotonic()
+        now = clock.now()
         if pending:
             timeout: float | None = 0.0
         elif online is not None and online.pending:
@@ -127,31 +135,38 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel) -> None:
                 chan.send(("synced", payload, stats()))
             msg = chan.recv(0.0)
         batch: list[ScoreJob] = []
+        skipped = 0
         while pending and len(batch) < config.score_batch_max:
             job = pending.popleft()
             if job.request_id in cancelled:
                 cancelled.discard(job.request_id)
                 guard.stats.requests_skipped += 1
+                skipped += 1
             else:
                 batch.append(job)
         if not pending:
             cancelled.clear()  # ids whose scores were already on their way back
-        if batch:
-            scores = guard.score(batch)
-            chan.send(("scores", [j.request_id for j in batch], scores.tolist(), stats()))
-        elif online is not None and online.pending and time.monotonic() >= next_learn:
-            start = time.monotonic()
+        if batch or skipped:
+            scores = guard.score(batch).tolist() if batch else []
+            chan.send(("scores", [j.request_id for j in batch], scores, stats(), skipped))
+        elif online is not None and online.pending and clock.now() >= next_learn:
+            start = clock.now()
             try:
                 online.learn_pending(config.score_batch_max)
             except Exception as exc:  # learning is best effort; scoring goes on
                 logger.warning("PARS: online learning from unscored requests failed (%s: %s)", type(exc).__name__, exc)
                 online.reset()
-            spent = time.monotonic() - start
-            next_learn = time.monotonic() + spent * (1.0 / config.online.cpu_fraction - 1.0)
+            spent = clock.now() - start
+            next_learn = clock.now() + spent * (1.0 / config.online.cpu_fraction - 1.0)
             chan.send(("stats", stats()))
 
 
 # ---------------------------------------------------------------------- parent side
+
+# Messages the parent may have queued for a process worker before sends are refused
+# (submit() returns False and the jobs stay unscored; observations are dropped and
+# counted). A full queue means the worker is far behind; piling more on helps nobody.
+SEND_QUEUE_MAX = 64
 
 
 @dataclass
@@ -159,14 +174,38 @@ class WorkerCounters:
     """What the scheduler's side of the worker saw."""
 
     starts: int = 0
-    restarts: int = 0  # after a hang or a death
+    restarts: int = 0  # after a hang, a death or a load that never finished
     hung: int = 0  # workers given up on (no progress for deadline_s)
     died: int = 0
+    load_timeouts: int = 0  # (re)starts that did not finish loading within STARTUP_TIMEOUT_S
     jobs_submitted: int = 0
     jobs_cancelled: int = 0
     jobs_given_up: int = 0  # in flight when their worker hung or died: FCFS
-    late_scores: int = 0  # answers for cancelled or given-up jobs, dropped
+    sends_refused: int = 0  # submits refused because the send queue was full
+    observations_dropped: int = 0  # finished requests not sent to the online learner (queue full or no worker)
     worker_stats: dict[str, Any] = field(default_factory=lambda: ScoringStats().to_dict())
+
+
+class Link(Protocol):
+    """The parent's end of a worker: a process, a thread, or (``pars_fast.sim``) a model of one.
+
+    ``send`` never blocks; it raises ``QueueFullError`` when the link cannot take more
+    now and ``OSError``/``EOFError`` when the worker is gone. ``recv`` waits at most
+    ``timeout`` seconds and returns None if nothing came."""
+
+    def send(self, msg: Any) -> None: ...
+
+    def recv(self, timeout: float) -> Any | None: ...
+
+    def push_back(self, msgs: list[Any]) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+
+class QueueFullError(RuntimeError):
+    """The link's send queue is full: try again at a later step."""
 
 
 class ScoringWorker:
@@ -174,7 +213,17 @@ class ScoringWorker:
 
     ``start()`` launches it and waits until its ranker is loaded and warmed up (a bad
     ranker fails the engine's start-up, with the worker's error). Afterwards nothing
-    here blocks: ``submit``/``cancel`` send a message, ``poll`` drains the answers.
+    here blocks: ``submit``/``cancel``/``observe`` queue a message, ``poll`` drains
+    the answers. A restarted worker loads in the background: it takes no jobs until it
+    reports ready, and gets ``STARTUP_TIMEOUT_S`` to do so, apart from ``deadline_s``.
+
+    It keeps no per-request state: the worker answers every job exactly once (a score,
+    or "skipped" for a cancelled one), so a count of jobs outstanding is all it needs.
+    Which request a score belongs to, and whether it still matters, is the scheduler's
+    record (:mod:`pars_fast.vllm.book`).
+
+    ``clock`` and ``open_link`` are the simulator's seams: a virtual clock, and a model
+    of the worker in place of a process or thread.
     """
 
     def __init__(
@@ -183,7 +232,8 @@ class ScoringWorker:
         tokenizer: Any,
         mode: str,
         cpus: Sequence[int] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = REAL_CLOCK,
+        open_link: Callable[[ScoringWorker], Link] | None = None,
     ) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"worker mode must be 'process' or 'thread', got {mode!r}")
@@ -192,10 +242,13 @@ class ScoringWorker:
         self.mode = mode
         self.cpus = list(cpus) if cpus else None
         self.clock = clock
+        self._open_link = open_link
         self.counters = WorkerCounters()
         self.info: dict[str, Any] = {}
-        self._link: _Link | None = None
-        self._inflight: dict[str, float] = {}  # request id -> submit time
+        self._link: Link | None = None
+        self._ready = False
+        self._loading_since = 0.0
+        self._outstanding = 0  # jobs sent and not yet answered
         self._last_progress = 0.0
         self._restart_at: float | None = None
         self._synced = 0  # last sync token answered
@@ -203,32 +256,52 @@ class ScoringWorker:
     # -- lifecycle
 
     def start(self, wait: bool = True) -> None:
-        link = _ProcessLink(self) if self.mode == "process" else _ThreadLink(self)
+        """Launch the worker; with ``wait``, block until it is ready (engine start-up)."""
+        if self._open_link is not None:
+            link: Link = self._open_link(self)
+        else:
+            link = _ProcessLink(self) if self.mode == "process" else _ThreadLink(self)
         self._link = link
-        self._last_progress = self.clock()
+        self._ready = False
+        self._loading_since = self.clock.now()
         self.counters.starts += 1
         if not wait:
             return
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            msg = link.recv(timeout=max(0.0, deadline - time.monotonic()))
+        deadline = self.clock.now() + STARTUP_TIMEOUT_S
+        while not self._ready:
+            remaining = deadline - self.clock.now()
+            msg = link.recv(timeout=max(0.0, remaining))
             if msg is None:
+                if remaining > 0:
+                    continue
                 link.kill()
+                self._link = None
                 raise PARSConfigError(f"PARS: the scoring worker did not start within {STARTUP_TIMEOUT_S:g} s")
             if msg[0] == "ready":
-                self.info = msg[1]
-                return
-            if msg[0] == "error":
+                self._on_ready(msg[1])
+            elif msg[0] == "error":
                 link.kill()
+                self._link = None
                 raise PARSConfigError(f"PARS: the scoring worker failed to start: {msg[1]}")
+
+    def _on_ready(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self._ready = True
+        self._last_progress = self.clock.now()  # the no-progress deadline counts from here
 
     @property
     def alive(self) -> bool:
         return self._link is not None
 
     @property
+    def accepting(self) -> bool:
+        """Whether ``submit`` can take jobs now: check it before building any."""
+        return self._link is not None and self._ready
+
+    @property
     def in_flight(self) -> int:
-        return len(self._inflight)
+        """Jobs sent and not yet answered."""
+        return self._outstanding
 
     def close(self) -> None:
         """Stop the worker: let it finish its current batch, then exit (kill it if it won't)."""
@@ -237,72 +310,80 @@ class ScoringWorker:
             return
         try:
             link.send(("stop", None))
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while (msg := link.recv(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            deadline = self.clock.now() + STOP_TIMEOUT_S
+            while (remaining := deadline - self.clock.now()) > 0:
+                msg = link.recv(timeout=remaining)
+                if msg is None:
+                    continue
                 if msg[0] == "stopped":
                     self.counters.worker_stats = msg[1]
                     break
-        except (OSError, EOFError):
+        except (OSError, EOFError, QueueFullError):
             pass
         link.kill()
-        self._inflight.clear()
+        self._outstanding = 0
 
     # -- traffic
 
     def submit(self, jobs: Sequence[ScoreJob]) -> bool:
-        """Queue jobs for scoring; False (nothing sent) when no worker is running."""
-        if self._link is None or not jobs:
+        """Queue jobs for scoring; False (nothing sent) when the worker cannot take them now."""
+        if not jobs or not self.accepting:
             return False
-        now = self.clock()
-        if not self._inflight:
-            self._last_progress = now  # the no-progress clock starts with the first job
+        if self._outstanding == 0:
+            self._last_progress = self.clock.now()  # the no-progress clock restarts with new work
         try:
             self._link.send(("score", list(jobs)))
+        except QueueFullError:
+            self.counters.sends_refused += 1
+            return False
         except (OSError, EOFError, ValueError):
             self._lost("died", f"its pipe closed ({self.mode} worker)")
             return False
-        for job in jobs:
-            self._inflight[job.request_id] = now
+        self._outstanding += len(jobs)
         self.counters.jobs_submitted += len(jobs)
         return True
 
     def cancel(self, request_ids: Sequence[str]) -> None:
-        """Forget jobs whose requests finished; the worker skips them if it has not started them."""
-        ids = [rid for rid in request_ids if self._inflight.pop(rid, None) is not None]
-        if ids:
-            self.counters.jobs_cancelled += len(ids)
-            self._send_quietly(("cancel", ids))
+        """Jobs whose requests finished: the worker skips them if it has not started them
+        (and answers "skipped"), else their scores come back and are dropped."""
+        if request_ids and self._link is not None:
+            self.counters.jobs_cancelled += len(request_ids)
+            self._send_quietly(("cancel", list(request_ids)))
 
     def observe(self, observations: Sequence[Observation]) -> None:
-        """Finished requests, for the online learner (dropped while no worker runs)."""
-        self._send_quietly(("observe", list(observations)))
+        """Finished requests, for the online learner (dropped, and counted, when they cannot be sent)."""
+        if not self._send_quietly(("observe", list(observations))):
+            self.counters.observations_dropped += len(observations)
 
     def reset(self) -> None:
         """Make the worker forget what traffic taught its online learner."""
         self._send_quietly(("reset", None))
 
-    def _send_quietly(self, msg: Any) -> None:
-        if self._link is not None:
-            try:
-                self._link.send(msg)
-            except (OSError, EOFError, ValueError):
-                pass  # noticed at the next poll
+    def _send_quietly(self, msg: Any) -> bool:
+        if self._link is None:
+            return False
+        try:
+            self._link.send(msg)
+            return True
+        except (OSError, EOFError, ValueError, QueueFullError):
+            return False  # a dead link is noticed at the next poll
 
-    def poll(self) -> tuple[list[tuple[str, float]], list[str]]:
-        """``(scores that arrived, request ids given up on)``; never blocks.
+    def poll(self) -> tuple[list[tuple[str, float]], bool]:
+        """``(scores that arrived, lost)``; never blocks.
 
-        Also restarts a worker that hung or died, once ``retry_after_s`` has passed.
+        ``lost``: the worker hung, died or never finished loading; every job that was
+        outstanding is given up (the scheduler keeps those requests in FCFS order).
+        Also restarts a lost worker once ``retry_after_s`` has passed.
         """
         results: list[tuple[str, float]] = []
-        given_up: list[str] = []
-        now = self.clock()
+        now = self.clock.now()
         if self._link is None:
             if self._restart_at is not None and now >= self._restart_at:
                 self._restart_at = None
                 self.counters.restarts += 1
                 logger.info("PARS: restarting the scoring worker")
                 self.start(wait=False)
-            return results, given_up
+            return results, False
         while True:
             try:
                 msg = self._link.recv(timeout=0.0)
@@ -312,30 +393,33 @@ class ScoringWorker:
                 break
             kind = msg[0]
             if kind == "scores":
-                _, ids, scores, stats = msg
+                _, ids, scores, stats, skipped = msg
                 self._last_progress = now
+                self._outstanding = max(0, self._outstanding - len(ids) - skipped)
                 self.counters.worker_stats = stats
-                for rid, score in zip(ids, scores):
-                    if self._inflight.pop(rid, None) is not None:
-                        results.append((rid, score))
-                    else:  # its request finished or was aborted meanwhile
-                        self.counters.late_scores += 1
+                results.extend(zip(ids, scores))
             elif kind == "stats":
                 self.counters.worker_stats = msg[1]
             elif kind == "synced":
                 self.counters.worker_stats = msg[2]
                 self._synced = max(self._synced, msg[1])
             elif kind == "ready":  # a restarted worker finished loading
-                self.info = msg[1]
-                self._last_progress = now
+                self._on_ready(msg[1])
             elif kind in ("error", "died"):
-                given_up += self._lost("died", msg[1])
-                return results, given_up
+                self._lost("died", msg[1])
+                return results, True
         if not self._link.is_alive():
-            given_up += self._lost("died", "it exited")
-        elif self._inflight and now - self._last_progress > self.config.fallback.deadline_s:
-            given_up += self._lost("hung", f"no scores for {now - self._last_progress:.1f} s")
-        return results, given_up
+            self._lost("died", "it exited")
+            return results, True
+        if not self._ready:
+            if now - self._loading_since > STARTUP_TIMEOUT_S:
+                self.counters.load_timeouts += 1
+                self._lost("hung", f"it did not finish loading in {STARTUP_TIMEOUT_S:g} s")
+                return results, True
+        elif self._outstanding and now - self._last_progress > self.config.fallback.deadline_s:
+            self._lost("hung", f"no scores for {now - self._last_progress:.1f} s")
+            return results, True
+        return results, False
 
     def sync(self, timeout_s: float = 60.0) -> bool:
         """Block until the worker has handled every message sent so far, its scores and
@@ -344,65 +428,64 @@ class ScoringWorker:
             return False
         token = self._synced + 1
         self._send_quietly(("sync", token))
-        deadline = time.monotonic() + timeout_s
+        return self._wait_for(lambda msg: msg[0] == "synced" and msg[1] >= token, timeout_s, keep=False) is not None
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """Block until the worker has answered every job sent so far (tests and benchmarks
+        only). The answers are kept for ``poll``, which applies them."""
+        if not self._outstanding:
+            return True
+        unanswered = self._outstanding
+
+        def answers_all(msg: Any) -> bool:
+            nonlocal unanswered
+            if msg[0] == "scores":
+                unanswered -= len(msg[2]) + msg[4]
+            return unanswered <= 0 or msg[0] in ("error", "died")
+
+        return self._wait_for(answers_all, timeout_s, keep=True) is not None
+
+    def _wait_for(self, done: Callable[[Any], bool], timeout_s: float, keep: bool) -> Any | None:
+        """Read messages until ``done(msg)``; push everything read back for ``poll`` (the
+        matching message too when ``keep``). Returns the matching message or None."""
+        deadline = self.clock.now() + timeout_s
         held: list[Any] = []
-        while self._synced < token and time.monotonic() < deadline and self._link is not None:
-            msg = self._link.recv(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        found = None
+        while self._link is not None and (remaining := deadline - self.clock.now()) > 0:
+            msg = self._link.recv(timeout=min(0.05, remaining))
             if msg is None:
                 continue
             if msg[0] == "synced":
                 self.counters.worker_stats = msg[2]
                 self._synced = max(self._synced, msg[1])
-            else:
-                held.append(msg)
-        self._link_push_back(held)
-        return self._synced >= token
+            if done(msg):
+                found = msg
+                if keep:
+                    held.append(msg)
+                break
+            held.append(msg)
+        if held and self._link is not None:
+            self._link.push_back(held)
+        return found
 
-    def _link_push_back(self, msgs: list[Any]) -> None:
-        if msgs and self._link is not None:
-            self._link.push_back(msgs)
-
-    def wait_idle(self, timeout_s: float = 60.0) -> bool:
-        """Block until every submitted job's score has arrived (tests and benchmarks only)."""
-        deadline = time.monotonic() + timeout_s
-        while self._inflight and self._link is not None and time.monotonic() < deadline:
-            if self._link.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
-                return True  # an answer is ready: the caller's poll() takes it
-        return not self._inflight
-
-    def _lost(self, what: str, detail: str) -> list[str]:
+    def _lost(self, what: str, detail: str) -> None:
         """The worker hung or died: give up its jobs (FCFS), drop it, restart it later."""
         link, self._link = self._link, None
         if link is not None:
             link.kill()
-        given_up = list(self._inflight)
-        self._inflight.clear()
-        self.counters.jobs_given_up += len(given_up)
+        given_up, self._outstanding = self._outstanding, 0
+        self._ready = False
+        self.counters.jobs_given_up += given_up
         setattr(self.counters, what, getattr(self.counters, what) + 1)
         retry = self.config.fallback.retry_after_s
-        self._restart_at = self.clock() + retry
+        self._restart_at = self.clock.now() + retry
         logger.warning(
             "PARS: the scoring worker %s (%s); %d request(s) keep their FCFS order; restarting it in %g s",
-            what, detail, len(given_up), retry,
+            what, detail, given_up, retry,
         )
-        return given_up
 
 
 # ---------------------------------------------------------------------- transports
-
-
-class _Link(Protocol):
-    def push_back(self, msgs: list[Any]) -> None: ...
-
-    def send(self, msg: Any) -> None: ...
-
-    def recv(self, timeout: float) -> Any | None: ...
-
-    def wait(self, timeout: float) -> bool: ...
-
-    def is_alive(self) -> bool: ...
-
-    def kill(self) -> None: ...
 
 
 class _QueueChannel:
@@ -437,7 +520,7 @@ class _ThreadLink:
     def send(self, msg: Any) -> None:
         if not self._thread.is_alive():
             raise EOFError("the scoring thread has exited")
-        self._to_worker.put(msg)
+        self._to_worker.put(msg)  # an unbounded in-process queue: never blocks
 
     def push_back(self, msgs: list[Any]) -> None:
         self._held.extendleft(reversed(msgs))
@@ -449,13 +532,6 @@ class _ThreadLink:
             return self._from_worker.get(timeout=timeout) if timeout > 0 else self._from_worker.get_nowait()
         except queue.Empty:
             return None
-
-    def wait(self, timeout: float) -> bool:
-        if not self._held:
-            msg = self.recv(timeout)
-            if msg is not None:
-                self._held.append(msg)
-        return bool(self._held)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() or bool(self._held) or not self._from_worker.empty()
@@ -496,7 +572,13 @@ class _ConnChannel:
 
 
 class _ProcessLink:
-    """A child process (``python -m pars_fast.vllm.worker FD``) over a socket pair."""
+    """A child process (``python -m pars_fast.vllm.worker FD``) over a socket pair.
+
+    Sends go through a bounded queue to a sender thread, which pickles and writes them:
+    a burst of long prompts is megabytes, and a blocking ``Connection.send`` would hold
+    ``schedule()`` until the worker, busy with a batch, reads. The engine thread only
+    queues (``QueueFullError`` when ``SEND_QUEUE_MAX`` messages are waiting).
+    """
 
     def __init__(self, owner: ScoringWorker) -> None:
         parent_sock, child_sock = socket.socketpair()
@@ -520,12 +602,32 @@ class _ProcessLink:
             "nice": owner.config.nice,
         }
         self._conn.send_bytes(pickle.dumps(init))
+        self._outbox: queue.Queue[Any] = queue.Queue(maxsize=SEND_QUEUE_MAX)
+        self._send_error: BaseException | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="pars-send", daemon=True)
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is _CLOSE:
+                return
+            try:
+                self._conn.send(msg)
+            except (OSError, EOFError, ValueError) as exc:
+                self._send_error = exc
+                return
 
     def push_back(self, msgs: list[Any]) -> None:
         self._held.extendleft(reversed(msgs))
 
     def send(self, msg: Any) -> None:
-        self._conn.send(msg)
+        if self._send_error is not None or not self._sender.is_alive():
+            raise EOFError(f"the scoring worker's pipe closed ({self._send_error})")
+        try:
+            self._outbox.put_nowait(msg)
+        except queue.Full:
+            raise QueueFullError(f"{SEND_QUEUE_MAX} messages are waiting to be sent") from None
 
     def recv(self, timeout: float) -> Any | None:
         if self._held:
@@ -534,25 +636,30 @@ class _ProcessLink:
             return None
         return self._conn.recv()
 
-    def wait(self, timeout: float) -> bool:
-        return bool(self._held) or self._conn.poll(timeout)
-
     def is_alive(self) -> bool:
-        return self._proc.poll() is None
+        return self._proc.poll() is None and self._send_error is None
 
     def kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        # The worker is gone, so a send in progress fails at once; then the sender exits.
+        with contextlib.suppress(queue.Full):
+            self._outbox.put_nowait(_CLOSE)
+        self._sender.join(timeout=1.0)
         self._conn.close()
 
 
-def _warm_up(scorer: Scorer) -> dict[str, Any]:
-    start = time.perf_counter()
+# Tells a sender thread to exit.
+_CLOSE = object()
+
+
+def _warm_up(scorer: Scorer, clock: Clock = REAL_CLOCK) -> dict[str, Any]:
+    start = clock.now()
     warm = getattr(scorer, "warm_up", None)
     if warm is not None:
         warm()
-    return {"pid": os.getpid(), "warmup_s": time.perf_counter() - start, "scorer": scorer.name}
+    return {"pid": os.getpid(), "warmup_s": clock.now() - start, "scorer": scorer.name}
 
 
 def _process_main(fd: int) -> int:
