@@ -145,7 +145,8 @@ class StepRecorder(Scheduler):
             if self._log is not None:
                 self._close_interval(None)
                 for row in self._in_flight.values():  # scheduled, output never processed
-                    self._write(dict(row, dur_s=None))
+                    row["dur_s"] = None
+                    self._write(row)
                 self._in_flight.clear()
                 self._log.close()
                 self._log = None
@@ -164,7 +165,8 @@ class StepRecorder(Scheduler):
         # step before. None or several (an idle pipeline refilling): no clean cost.
         duration = end - self._interval_start if end is not None and len(rows) == 1 else None
         for row in rows:
-            self._write(dict(row, dur_s=duration))
+            row["dur_s"] = duration
+            self._write(row)
         if end is None:
             self._interval_start = None
             self._after_idle = True
