@@ -102,7 +102,8 @@ def fit(model: str, gpu: str, tp: int) -> LinearCost:
         "fitted_to": ref.description, "fit": fit_info,
         "created_by": "benchmarks/fit_linear_presets.py",
     }
-    source = f"fitted to {ref.name} ({len(grid)} steps, median error {fit_info['relative_error']['all']['median_pct']}%)"
+    median = fit_info["relative_error"]["all"]["median_pct"]
+    source = f"fitted to {ref.name} ({len(grid)} steps, median error {median}%)"
     return LinearCost(*(float(b) for b in beta), source=source, metadata=meta)
 
 

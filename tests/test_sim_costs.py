@@ -7,7 +7,6 @@ not importable.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -20,7 +19,12 @@ from pars_fast.sim.costs import CostModelError, LinearCost, StepBatch
 
 L8 = "meta-llama/Meta-Llama-3.1-8B"
 L70 = "meta-llama/Meta-Llama-3.1-70B"
-HAVE_AIC = importlib.util.find_spec("aiconfigurator_core") is not None
+try:
+    import aiconfigurator_core  # noqa: F401
+
+    HAVE_AIC = True
+except ImportError:
+    HAVE_AIC = False
 needs_aic = pytest.mark.skipif(not HAVE_AIC, reason="aiconfigurator-core (the `sim` extra) is not installed")
 
 # (model, gpu, tp) of every shipped preset; the aiconfigurator model is checked on the same.

@@ -99,6 +99,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -131,7 +132,7 @@ __all__ = [
 DEFAULT_OVERHEAD_S = 3e-4
 
 KINDS = ("aiconfigurator", "linear")
-AICONFIGURATOR_VERSION = "0.12.0"  # the version the tests' reference numbers come from
+AICONFIGURATOR_VERSION = "0.12.0"  # what the `sim` extra pins; the tests' reference numbers are from it
 
 
 class CostModelError(ValueError):
@@ -617,6 +618,7 @@ class _AICTables:
         EngineHandle, perf_database = _import_aiconfigurator()
         with _quiet("aiconfigurator_core"):
             try:
+                self.package_version = importlib.metadata.version("aiconfigurator-core")
                 self.data_version = perf_database.resolve_query_version(gpu.name, "vllm", "current")
                 eng = EngineHandle.compile(model.name, gpu.name, "vllm", tp_size=tp)
             except Exception as exc:  # aiconfigurator raises many types for a missing table or system
@@ -626,6 +628,10 @@ class _AICTables:
         self.engine = eng
         ctx_names = self._op_names(eng.evaluate_context_ops)
         gen_names = self._op_names(eng.evaluate_generation_ops)
+        wanted = {"context_attention", "context_logits_gemm"} - set(ctx_names)
+        wanted |= {"generation_attention"} - set(gen_names)
+        if wanted:  # not a dense decoder as aiconfigurator builds Llama/Qwen3
+            raise CostModelError(f"aiconfigurator's {model.name} has no {', '.join(sorted(wanted))} op")
         self.ctx_attn = ctx_names.index("context_attention")
         self.logits = ctx_names.index("context_logits_gemm")
         self.gen_attn = gen_names.index("generation_attention")
@@ -722,7 +728,7 @@ class AIConfiguratorCost:
         self._t = _aic_tables(self.model.name, self.gpu.name, tp)
         self.name = f"aiconfigurator:{self.model.name}@{self.gpu.name}/tp{tp}"
         self.description = (
-            f"aiconfigurator-core {AICONFIGURATOR_VERSION}, vLLM {self._t.data_version} kernel tables "
+            f"aiconfigurator-core {self._t.package_version}, vLLM {self._t.data_version} kernel tables "
             f"({self.gpu.name}, tp={tp}): forward pass + {self.overhead_s * 1e3:.2f} ms/step overhead; "
             "decode attention at the batch's mean context, prefill chunks as one equal-work batch"
         )
