@@ -375,11 +375,14 @@ def test_serving_defaults_match_vllms_own_code(monkeypatch, gpu):
 
 @needs_aic
 def test_aiconfigurator_reproduces_the_teams_numbers(aic_models):
-    # ../shared/SIMULATION.md, Llama-3.1-8B on one H100 SXM, forward pass only (ms).
+    # ../shared/SIMULATION.md, Llama-3.1-8B on one H100 SXM, forward pass only (ms). 3%: the
+    # monotone grid puts batch 64 at 10.14 ms, 2.0% under the table's direct 10.34 (64 tokens
+    # sit on a 4% zigzag in aiconfigurator's GEMM timings); the others are within 0.3%.
     cost = aic_models[(L8, "h100_sxm", 1)]
     for batch, ms in ((decode(1, 1024), 6.18), (decode(64, 1024), 10.35), (prefill((2048, 0)), 43.51),
                       (decode(256, 400), 13.63), (decode(256, 1024), 19.57)):
-        assert cost.forward_s(batch) * 1e3 == pytest.approx(ms, rel=0.02), batch
+        assert cost.forward_s(batch) * 1e3 == pytest.approx(ms, rel=0.03), batch
+        assert cost.direct_forward_s(batch) * 1e3 == pytest.approx(ms, rel=0.005), batch
         assert cost.step_s(batch) == pytest.approx(cost.forward_s(batch) + costs.DEFAULT_OVERHEAD_S)
     assert "0.30 ms/step overhead" in cost.description and "mean context" in cost.description
     assert costs.build_cost_model("aiconfigurator", model=L8, gpu="h100", overhead_s=0.0).step_s(
