@@ -23,7 +23,9 @@ which are plain-linear ones without ``"head"`` in ``ranker.json``, still load)::
 
 The forward pass runs in an encoder *backend* (:mod:`pars_fast.backends`). A
 plain linear head is scored by the backend itself (the Triton path fuses it);
-other heads run in torch on the backend's ``pooled()`` output.
+other heads run in torch on the backend's ``pooled()`` output. A Triton backend on
+CUDA is checked against the torch path on a probe batch before it serves
+(:mod:`pars_fast.backend_check`); the verdict is ``Ranker.backend_check``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pars_fast.backend_check import check_backend, needs_check
 from pars_fast.backends import POOLINGS, EncoderBackend, check_batch, make_backend
 from pars_fast.data import clean_text
 from pars_fast.heads import HeadSpec, ScoreHead
@@ -126,7 +129,12 @@ class Ranker:
     head when ``head_spec.is_plain_linear``), ``score_head`` (the
     :class:`~pars_fast.heads.ScoreHead` of any other head, else ``None``),
     ``tokenizer``, ``config`` (:class:`RankerConfig`), ``metadata`` (dict),
-    ``device``, ``backend`` (the :class:`~pars_fast.backends.EncoderBackend`).
+    ``device``, ``backend`` (the :class:`~pars_fast.backends.EncoderBackend`),
+    ``backend_check`` (the Triton self-check's verdict, a dict, or ``None`` when no check
+    ran: :func:`pars_fast.backend_check.check_backend`).
+
+    ``check``: run that self-check when the backend is set; ``None`` (default) checks
+    exactly when the backend resolves to ``"triton"`` on a CUDA device.
     """
 
     def __init__(
@@ -138,6 +146,7 @@ class Ranker:
         metadata: dict[str, Any] | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
+        check: bool | None = None,
     ) -> None:
         self.config = (config or RankerConfig()).validate()
         hidden = int(encoder.config.hidden_size)
@@ -160,7 +169,8 @@ class Ranker:
         if self.config.max_prompt_tokens <= self._n_special:
             raise ValueError(f"max_prompt_tokens must exceed the {self._n_special} special tokens")
         self.vocab_size = int(encoder.config.vocab_size)
-        self.set_backend(backend)
+        self.backend_check: dict[str, Any] | None = None
+        self.set_backend(backend, check=check)
 
     def _set_head_objects(self, head: torch.nn.Linear | ScoreHead, hidden: int) -> None:
         if isinstance(head, ScoreHead):
@@ -188,9 +198,9 @@ class Ranker:
                 self.head.bias.zero_()
 
     def set_head(self, head: torch.nn.Linear | ScoreHead) -> None:
-        """Replace the score head (and rebuild the backend around it)."""
+        """Replace the score head (and rebuild the backend around it, keeping its self-check verdict)."""
         self._set_head_objects(head, self.hidden_size)
-        self.set_backend(self.backend_name)
+        self._rebuild_backend()
 
     # ------------------------------------------------------------------ construction
 
@@ -238,8 +248,12 @@ class Ranker:
         path: str | os.PathLike[str] | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
+        check: bool | None = None,
     ) -> Ranker:
-        """Load a saved ranker; ``None`` loads the default one at ``default_ranker_dir()``."""
+        """Load a saved ranker; ``None`` loads the default one at ``default_ranker_dir()``.
+
+        ``check``: the backend self-check (see :class:`Ranker`; default: Triton on CUDA only).
+        """
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
@@ -284,7 +298,7 @@ class Ranker:
             raise
         except Exception as exc:  # any parse/shape/IO problem: say which folder and why
             raise RankerLoadError(f"corrupt ranker at {folder}: {type(exc).__name__}: {exc}") from exc
-        return cls(encoder, head, tokenizer, config, metadata=metadata, backend=backend, device=device)
+        return cls(encoder, head, tokenizer, config, metadata=metadata, backend=backend, device=device, check=check)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a self-contained ranker folder (atomically: a temp folder renamed into place)."""
@@ -328,10 +342,22 @@ class Ranker:
 
     # ------------------------------------------------------------------ backend
 
-    def set_backend(self, name: str = "auto") -> None:
-        """Switch the encoder backend (``"auto"``, ``"hf"``, or any registered name)."""
+    def set_backend(self, name: str = "auto", check: bool | None = None) -> None:
+        """Switch the encoder backend (``"auto"``, ``"hf"``, or any registered name).
+
+        ``check`` (``None``: only Triton on CUDA) scores a probe batch with it and with
+        the torch path first, and keeps the torch path if they disagree.
+        """
         self.backend: EncoderBackend = make_backend(name, self.encoder, self.head, self.config.pooling, self.device)
         self.backend_name: str = self.backend.name
+        self.backend_check = None
+        if needs_check(self.backend_name, self.device) if check is None else check:
+            check_backend(self)
+
+    def _rebuild_backend(self) -> None:
+        """The same backend around a new head or device. A backend the self-check refused
+        stays refused (its name is no longer ``backend_name``), and the verdict is kept."""
+        self.backend = make_backend(self.backend_name, self.encoder, self.head, self.config.pooling, self.device)
 
     def to(self, device: torch.device | str) -> Ranker:
         self.device = torch.device(device)
@@ -339,7 +365,7 @@ class Ranker:
         self.head.to(self.device)
         if self.score_head is not None:
             self.score_head.to(self.device)
-        self.set_backend(self.backend_name)
+        self._rebuild_backend()
         return self
 
     # ------------------------------------------------------------------ tokenizing
@@ -430,17 +456,18 @@ class Ranker:
         return self.score_head(pooled.float(), feats)
 
     def _run(
-        self, batch: list[list[int]], texts: Sequence[str] | None, embed: bool
+        self, batch: list[list[int]], texts: Sequence[str] | None, embed: bool, backend: EncoderBackend | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         if not batch:
             return np.empty(0, dtype=np.float32), np.empty((0, self.hidden_size), dtype=np.float32) if embed else None
         check_batch(batch, self.vocab_size, self.max_input_tokens)
+        backend = self.backend if backend is None else backend
         with torch.inference_mode():
             if self.score_head is None and not embed:
-                scores = self.backend.score(batch)
+                scores = backend.score(batch)
                 pooled = None
             else:
-                pooled = self.backend.pooled(batch).float()
+                pooled = backend.pooled(batch).float()
                 scores = self.head(pooled).squeeze(-1) if self.score_head is None else self._head_scores(pooled, texts, batch)
             out = scores.detach().float().cpu().numpy().astype(np.float32, copy=False)
             emb = pooled.cpu().numpy().astype(np.float32, copy=False) if pooled is not None and embed else None
@@ -458,6 +485,12 @@ class Ranker:
         """Score prompts in one batched call: float32 array, higher = longer expected response."""
         texts = self._check_prompts(prompts)
         return self._run(self.tokenize(texts), texts, embed=False)[0]
+
+    def score_with_backend(self, backend: EncoderBackend, prompts: Sequence[str]) -> np.ndarray:
+        """:meth:`score` through another backend built around this ranker's encoder and head
+        (the backend self-check compares two on the same prompts)."""
+        texts = self._check_prompts(prompts)
+        return self._run(self.tokenize(texts), texts, embed=False, backend=backend)[0]
 
     def score_and_embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [n] float32, pooled embeddings [n, hidden] float32)`` from one encoder pass.
