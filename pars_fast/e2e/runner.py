@@ -40,6 +40,18 @@ from pars_fast.e2e.workload import arrival_offsets
 SETTLE_S = 1.0
 # Output tokens of each warm-up request: enough to run prefill and a few decode steps.
 WARMUP_TOKENS = 8
+# Seconds vLLM's engine core gets to exit after SIGTERM, and its model worker to exit
+# before the engine core kills it. vLLM's defaults (5 s each) are too short for CPU
+# engines on a busy 2-core machine: each worker spends seconds in the garbage collector
+# on its way out (20 s for three engines stopping together at load 9), the engine core
+# is SIGKILLed while still waiting for it, and the shared-memory ring buffer it would
+# unlink on exit (and the semaphores of processes killed) are left to Python's resource
+# tracker, which warns about "leaked" objects at exit. Only a stuck process waits this long.
+ENGINE_SHUTDOWN_S = 150.0
+WORKER_SHUTDOWN_S = 90
+# Seconds the parent waits for a policy process to exit after "stop": the engine's
+# shutdown above, then the process's own exit.
+CLOSE_TIMEOUT_S = ENGINE_SHUTDOWN_S + 60.0
 
 
 @dataclass
@@ -190,8 +202,10 @@ class PolicyEngine:
             except (OSError, ValueError):
                 pass
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Stop the engine and wait for the process (politely, then by force)."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the engine and wait for the process (politely, then by force: a process
+        terminated leaves its semaphores and its engine's shared memory to the resource
+        tracker, which warns about them)."""
         if self._proc is None:
             return
         self.stop()
@@ -249,6 +263,8 @@ def _child_main(conn: Connection, spec_dict: dict[str, Any], log_path: str | Non
         **{k: v for k, v in spec_dict.items() if k not in ("policy", "engine")},
     )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.engine.kv_cache_gib))
+    # Read by the engine core (a child of this process) when it stops its worker.
+    os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(WORKER_SHUTDOWN_S))
     try:
         asyncio.run(_serve(conn, spec, bars))
     except BaseException:
@@ -363,7 +379,8 @@ async def _serve(conn: Connection, spec: RunSpec, bars: TextIO) -> None:
             }
             conn.send(json.dumps({"event": "done", "level": level}))
     finally:
-        engine.shutdown()
+        # A timeout: without one vLLM kills its engine core 5 s after asking it to stop.
+        engine.shutdown(timeout=ENGINE_SHUTDOWN_S)
         del engine
         gc.collect()  # while modules are alive: AsyncLLM.__del__ at exit would fail noisily
 
