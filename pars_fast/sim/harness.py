@@ -111,6 +111,7 @@ class RequestFactory:
         request_id: str | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> Request:
         return Request(
             request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
@@ -119,6 +120,7 @@ class RequestFactory:
             pooling_params=None,
             arrival_time=arrival_time,
             priority=priority,
+            cache_salt=cache_salt,
             block_hasher=self._hasher,
         )
 
