@@ -42,13 +42,14 @@ SETTLE_S = 1.0
 WARMUP_TOKENS = 8
 # Seconds vLLM's engine core gets to exit after SIGTERM, and its model worker to exit
 # before the engine core kills it. vLLM's defaults (5 s each) are too short for CPU
-# engines on a busy 2-core machine: each worker spends seconds in the garbage collector
-# on its way out (20 s for three engines stopping together at load 9), the engine core
-# is SIGKILLed while still waiting for it, and the shared-memory ring buffer it would
-# unlink on exit (and the semaphores of processes killed) are left to Python's resource
-# tracker, which warns about "leaked" objects at exit. Only a stuck process waits this long.
-ENGINE_SHUTDOWN_S = 150.0
-WORKER_SHUTDOWN_S = 90
+# engines on a busy 2-core machine: the worker spends its exit in the garbage collector
+# (6 s alone at load 8; 46 s, and 74 s to the engine core's exit, for two engines
+# stopping together), the engine core is SIGKILLed while still waiting for it, and the
+# shared-memory ring buffer it would unlink on exit (and the semaphores of processes
+# killed) are left to Python's resource tracker, which warns about "leaked" objects at
+# exit. Only a stuck process waits this long.
+ENGINE_SHUTDOWN_S = 240.0
+WORKER_SHUTDOWN_S = 120
 # Seconds the parent waits for a policy process to exit after "stop": the engine's
 # shutdown above, then the process's own exit.
 CLOSE_TIMEOUT_S = ENGINE_SHUTDOWN_S + 60.0
