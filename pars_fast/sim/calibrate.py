@@ -66,7 +66,12 @@ STEP_LOG_KEY = "step_log"  # additional_config key
 STEP_LOG_ENV = "PARS_FAST_STEP_LOG"
 FEATURES = ("prefill_tokens", "decode_reqs", "context_tokens")
 COEFFICIENTS = ("beta0_s", "prefill_s_per_token", "decode_s_per_token", "context_s_per_token")
-# Buffer of the step log: ~300 bytes a row, so about 3,000 steps between writes.
+# The burst fills every slot, 1.5x mixes arriving prompts into full batches, and 0.5x gives
+# steps of 1-7 decoding requests: nearly every step of the other two holds max_num_seqs, so
+# without it the intercept and the per-request cost cannot be told apart (fitted on a
+# burst,1.5 run's two levels apart: beta0 1.2 ms vs 2.6 ms).
+DEFAULT_LOADS = "burst,0.5,1.5"
+# Buffer of the step log: ~400 bytes a row at 8 requests a step, so ~2,500 steps between writes.
 _LOG_BUFFER_BYTES = 1 << 20
 
 
@@ -391,9 +396,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload (pars-fast bench e2e's defaults: the same stream)")
     g.add_argument("--data", default="sharegpt", help="'sharegpt' (its held-out test split) or a .jsonl of {prompt, response_len}")
     g.add_argument("-n", "--n", type=int, default=200, help="requests in the stream (default 200, as bench e2e)")
-    g.add_argument("--loads", type=_loads, default=_loads("burst,1.5"),
-                   help="comma-separated: 'burst' and/or multiples of the capacity measured from the burst "
-                        "(default burst,1.5: full batches, then mixed prefill/decode steps)")
+    g.add_argument("--loads", type=_loads, default=_loads(DEFAULT_LOADS),
+                   help="comma-separated: 'burst' and/or multiples of the capacity measured from the burst (default "
+                        f"{DEFAULT_LOADS}: full batches, small batches, and prefills mixed into full ones)")
     g.add_argument("--capacity", type=float, default=None, help="capacity in req/s; default: measured from the burst")
     g.add_argument("--seed", type=int, default=0, help="fixes the sampled requests and the arrival times")
     g.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip samples with longer prompts (default 1024)")
@@ -493,7 +498,8 @@ def record(args: argparse.Namespace, step_log: Path, log=print) -> dict[str, Any
         handle.close()  # the engine core's shutdown closes the step log
     return {
         "model": model,
-        "engine": {k: v for k, v in engine.engine_kwargs().items() if k != "additional_config"},
+        "engine": {**{k: v for k, v in engine.engine_kwargs().items() if k != "additional_config"},
+                   "scheduler_cls": RECORDER_CLS, "kv_cache_gib": engine.kv_cache_gib},
         "workload": workload.info.to_dict(),
         "capacity_rps": capacity,
         "levels": levels,
@@ -548,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     result["step_includes"] = (
         "schedule() start to the next schedule() start: scheduling, the model worker's forward pass and sampling "
         "(with the shared-memory round trip), update_from_output(), handing outputs to the front end and taking in new "
-        "requests; intervals spanning idle time and the first step after idle are left out"
+        "requests, and the recorder's own ~20 us; intervals spanning idle time and the first step after idle are left out"
     )
     result["command"] = command_line(args)
     result["argv"] = sys.argv
