@@ -36,8 +36,10 @@ def replay(arrivals: np.ndarray, durations: np.ndarray, keys: np.ndarray, slots:
     waiting: list[tuple[float, int, int]] = []
     finish = np.empty(len(durations))
     nxt = 0
+    now = 0.0
     for _ in range(len(durations)):
-        now = heapq.heappop(free_at)
+        # A slot that fell free before the time reached so far sat idle until then.
+        now = max(now, heapq.heappop(free_at))
         if not waiting and nxt < len(by_arrival):  # idle slot: jump to the next arrival
             now = max(now, arrivals[by_arrival[nxt]])
         while nxt < len(by_arrival) and arrivals[by_arrival[nxt]] <= now:
@@ -63,8 +65,9 @@ def gated(arrivals: np.ndarray, durations: np.ndarray, scores: np.ndarray, slots
     unscored: set[int] = set()
     finish = np.empty(n)
     nxt = 0
+    now = 0.0
     for _ in range(n):
-        now = heapq.heappop(free_at)
+        now = max(now, heapq.heappop(free_at))  # as in replay()
         if not waiting and nxt < n:
             now = max(now, arrivals[by_arrival[nxt]])
         while nxt < n and arrivals[by_arrival[nxt]] <= now:

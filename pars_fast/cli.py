@@ -19,6 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pars_fast.evaluation:score", "score prompts read from stdin, one per line"),
     "serve": ("pars_fast.serve", "start vLLM's OpenAI server with the PARS scheduler"),
     "bench": ("pars_fast.bench", "benchmarks (bench e2e: FCFS vs PARS vs SJF on a real engine)"),
+    "sim": ("pars_fast.sim.cli", "simulate serving on a GPU: vLLM's own scheduler on a virtual clock (sim calibrate: fit step costs)"),
+}
+# Sub-commands that live in a module of their own: (command, sub-command) -> (module, one-line help).
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("sim", "calibrate"): ("pars_fast.sim.calibrate", "fit the linear step-cost model to a real vLLM engine's steps"),
 }
 
 
@@ -44,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pars-fast: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     target, help_ = COMMANDS[command]
+    if rest and (command, rest[0]) in SUBCOMMANDS:
+        target, help_ = SUBCOMMANDS[(command, rest[0])]
+        command, rest = f"{command} {rest[0]}", rest[1:]
     module_name, _, prefix = target.partition(":")
     module = import_module(module_name)
     configure = getattr(module, f"{prefix}_configure_parser" if prefix else "configure_parser")

@@ -18,6 +18,8 @@ Definitions (as in vllm-ltr and vLLM's serving benchmark):
 * ITL: decode seconds per output token, over all requests (sum of last token - first
   token, over the sum of output tokens - 1): token-weighted, so a stall that hits one
   short request does not dominate it;
+* TPOT: the same per request, then averaged over requests (vLLM's serving benchmark's
+  "time per output token"), for requests with more than one token;
 * step cost: ITL divided by the mean number of running requests. On a compute-bound
   engine (this CPU) a decode step's time grows with the batch, so an order that keeps
   more requests in flight raises ITL with no engine slowdown at all; the step cost
@@ -53,6 +55,8 @@ SUMMARY_KEYS = (
     "throughput_rps",
     "throughput_tps",
     "itl_mean",
+    "tpot_mean",
+    "tpot_p90",
     "running_mean",
     "step_cost_ms",
     "makespan_s",
@@ -152,6 +156,7 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
     decoding = [t for t in timings if t.output_tokens > 1]
     decode_tokens = sum(t.output_tokens - 1 for t in decoding)
     itl = sum(t.finish - t.first_token for t in decoding) / decode_tokens if decode_tokens else math.nan
+    tpot = np.array([(t.finish - t.first_token) / (t.output_tokens - 1) for t in decoding])
     scheduled = [t.finish - t.scheduled for t in timings if t.scheduled is not None]
     span = max(t.finish for t in timings) - min(t.submit for t in timings)
     if span <= 0:
@@ -173,6 +178,8 @@ def summarize(timings: Sequence[RequestTiming], scoring_s_per_request: float | N
         "throughput_rps": len(timings) / span,
         "throughput_tps": tokens / span,
         "itl_mean": itl,
+        "tpot_mean": float(tpot.mean()) if tpot.size else math.nan,
+        "tpot_p90": percentile(tpot, 90) if tpot.size else math.nan,
         "running_mean": running,
         "step_cost_ms": 1e3 * itl / running if running and running > 0 else math.nan,
         "makespan_s": float(span),

@@ -47,18 +47,22 @@ def _fmt(value: Any, fmt: str, scale: float) -> str:
     return fmt.format(value * scale)
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """One row per (load, policy) with latency, TTFT, normalized latency, wait, throughput."""
-    header = "| load | policy | " + " | ".join(c[0] for c in COLUMNS) + " | machine load |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+def markdown_table(result: dict[str, Any], columns: Sequence[tuple[str, str, float, str]] = COLUMNS,
+                   machine_load: bool = True) -> str:
+    """One row per (load, policy) with latency, TTFT, normalized latency, wait, throughput
+    (``columns``: (title, summary key, scale, format)); ``machine_load``: the load average
+    column of a real run (a simulation has none)."""
+    header = "| load | policy | " + " | ".join(c[0] for c in columns) + (" | machine load |" if machine_load else " |")
+    lines = [header, "|" + "---|" * (len(columns) + 2 + int(machine_load))]
     for load in result["loads"]:
         rate = next(iter(result["runs"].values()))["levels"][load]["rate_rps"]
         label = load if rate is None else f"{load} ({rate:.2f} req/s)"
         for policy in result["policies"]:
             level = result["runs"][policy]["levels"][load]
             s = level["summary"]
-            cells = [_fmt(s.get(key), fmt, scale) for _, key, scale, fmt in COLUMNS]
-            cells.append(_machine_load(level.get("loadavg")))
+            cells = [_fmt(s.get(key), fmt, scale) for _, key, scale, fmt in columns]
+            if machine_load:
+                cells.append(_machine_load(level.get("loadavg")))
             lines.append(f"| {label} | {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
