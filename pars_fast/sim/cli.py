@@ -157,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
     from pars_fast.sim.engine import SimError
     from pars_fast.sim.workload import WorkloadError
 
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
     try:
-        result = run_sim(config)
+        result = run_sim(config, log=log)
     except (SimConfigError, CostModelError, WorkloadError, SimError, FileNotFoundError) as exc:
         print(f"pars-fast sim: error: {exc}", file=sys.stderr)
         return 2
@@ -169,5 +170,5 @@ def run(args: argparse.Namespace) -> int:
 
         print(markdown_report(result))
     if args.out:
-        print(f"results in {args.out}/ (results.json, results.md, sim_*.png)")
+        log(f"results in {args.out}/ (results.json, results.md, sim_*.png)")
     return 0
