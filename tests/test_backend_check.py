@@ -1,7 +1,8 @@
 """The Triton backend's self-check (pars_fast.backend_check): real interpreted kernels pass,
 a broken kernel makes the ranker serve with the torch path and say why in one log line.
 
-The kernels run through ``TRITON_INTERPRET=1`` (tests/conftest.py) on a tiny random BERT
+The kernels run through ``TRITON_INTERPRET=1`` (tests/conftest.py), or on CUDA with
+``TRITON_INTERPRET=0``, on a tiny random BERT
 (2 layers, hidden 48, 3 heads of 16: a non-power-of-two width) with MiniLM's tokenizer,
 and on a 6-prompt probe: the interpreter is slow, and the check's logic does not depend
 on the model's size.
@@ -29,7 +30,8 @@ from pars_fast.heads import HeadSpec, KnnMemory, KnnSpec, ScoreHead
 from pars_fast.ranker import Ranker, RankerConfig
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs the Triton kernels on CPU tensors")
+TRITON_DEVICE = "cpu" if INTERPRETING else ("cuda" if torch.cuda.is_available() else None)
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 # Short prompts, distinct scores: 15 pairs, so a single flip (0.067) already fails the check.
 SMALL_PROBE = ["", "hi", "What is the capital of Australia?", "Write a 2,000-word essay on Rome.",
@@ -63,9 +65,9 @@ def _head(hidden: int = 48, seed: int = 1) -> torch.nn.Linear:
     return head
 
 
-def _ranker(tiny_bert, tokenizer, backend, **kw):
+def _ranker(tiny_bert, tokenizer, backend, device="cpu", **kw):
     return Ranker(tiny_bert, kw.pop("head", None) or _head(), tokenizer, RankerConfig(max_prompt_tokens=16),
-                  backend=backend, device="cpu", **kw)
+                  backend=backend, device=device, **kw)
 
 
 def _records(caplog, level):
@@ -99,6 +101,9 @@ def test_compare_scores_judges_order_first_and_bounds_gross_errors():
     for a, b in (order[3:5], order[20:22]):
         near[a], near[b] = near[b], near[a]
     assert compare_scores(near, ref)["flipped_pairs"] == 2 and compare_scores(near, ref)["passed"]
+    a, b = order[10:12]
+    near[a], near[b] = near[b], near[a]  # a third: 3 / 496 = 0.006, just over the line
+    assert compare_scores(near, ref)["flipped_pairs"] == 3 and not compare_scores(near, ref)["passed"]
     shuffled = compare_scores(rng.permutation(ref), ref)
     assert not shuffled["passed"] and shuffled["flip_fraction"] > MAX_FLIP_FRACTION
     assert "order differs" in shuffled["reason"]
@@ -133,13 +138,17 @@ def test_shipped_probe_spans_lengths_and_orders_every_pair(tiny_bert, tokenizer)
 # ----------------------------------------------------------------------------- real interpreted kernels
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.interpreter
 @pytest.mark.usefixtures("one_blas_thread")
 def test_real_interpreted_kernels_pass_the_check(tiny_bert, tokenizer, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    r = _ranker(tiny_bert, tokenizer, "triton")
-    assert r.backend_check is None  # on a CPU nothing is checked unless asked
+    r = _ranker(tiny_bert, tokenizer, "triton", TRITON_DEVICE)
+    if TRITON_DEVICE == "cpu":
+        assert r.backend_check is None  # on a CPU nothing is checked unless asked
+    else:  # on CUDA the ranker checked itself on the shipped probe
+        assert r.backend_check["passed"] and r.backend_check["probe_size"] == len(PROBE_PROMPTS)
+    caplog.clear()
     rec = check_backend(r, probe=SMALL_PROBE)
     assert r.backend_check is rec and r.backend_name == "triton" and rec["backend"] == "triton"
     assert rec["passed"] is True and rec["reason"] == "scores agree"
@@ -173,7 +182,7 @@ def _raise_in_linear(monkeypatch):
     return "triton raised RuntimeError: CUDA error: an illegal memory access"
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.interpreter
 @pytest.mark.usefixtures("one_blas_thread")
 @pytest.mark.parametrize("breakage", [_roll_scores, _raise_in_linear], ids=["wrong-scores", "raises"])
@@ -183,7 +192,7 @@ def test_broken_kernel_serves_with_torch_and_says_why(tiny_bert, tokenizer, monk
 
     monkeypatch.setattr(bc, "PROBE_PROMPTS", tuple(SMALL_PROBE))  # what the constructor's check reads
     why = breakage(monkeypatch)
-    r = _ranker(tiny_bert, tokenizer, "triton", check=True)  # as Ranker.load does on CUDA
+    r = _ranker(tiny_bert, tokenizer, "triton", TRITON_DEVICE, check=True)  # as Ranker.load does on CUDA
     rec = r.backend_check
     assert r.backend_name == "torch" and rec["backend"] == "torch" and rec["checked"] == "triton"
     assert rec["passed"] is False and why in rec["reason"] and rec["probe_size"] == 6
@@ -192,7 +201,7 @@ def test_broken_kernel_serves_with_torch_and_says_why(tiny_bert, tokenizer, monk
     line = warnings[0].getMessage()
     assert "\n" not in line and "serving with 'torch'" in line and why in line
     # It serves the torch path's scores, and a new head keeps it there.
-    reference = _ranker(tiny_bert, tokenizer, "torch")
+    reference = _ranker(tiny_bert, tokenizer, "torch", TRITON_DEVICE)
     assert np.array_equal(r.score(SMALL_PROBE), reference.score(SMALL_PROBE))
     r.set_head(_head(seed=2))
     assert r.backend_name == "torch" and r.backend_check is rec
