@@ -259,3 +259,23 @@ def test_recorder_in_a_real_vllm_engine(tiny_llama_dir, tmp_path):
     assert len(timed) >= len(rows) - 2 and all(r["dur_s"] > 0 for r in timed)
     assert rows[0]["after_idle"] and not any(r["after_idle"] for r in rows[1:])
     assert all(not r["async"] for r in rows)  # vLLM's CPU platform turns async scheduling off
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_the_command_serves_bench_e2e_stream_and_fits_it(tmp_path):
+    """The whole route: bench e2e's workload and engine settings, the recorder named through
+    the e2e runner's PolicySpec, its log path through additional_config, then the fit."""
+    parser = argparse.ArgumentParser()
+    calibrate.configure_parser(parser)
+    out, log = tmp_path / "cost.json", tmp_path / "steps.jsonl"
+    args = parser.parse_args(["--n", "16", "--loads", "burst", "--out", str(out), "--step-log", str(log), "--no-progress"])
+    assert calibrate.run(args) == 0
+    cost = json.loads(out.read_text())
+    rows = read_rows(log)
+    burst = [r for r in rows if calibrate.level_of(r) == "burst"]
+    prompts = cost["workload"]["n"] * cost["workload"]["prompt_len"]["mean"]
+    assert sum(r["prefill_tokens"] for r in burst) == pytest.approx(prompts, abs=1)  # the mean is rounded to 0.1
+    assert cost["per_level"]["burst"]["steps"] > 100
+    assert cost["prefill_s_per_token"] > 0 and cost["beta0_s"] > 0
+    assert cost["engine"]["max_num_seqs"] == 8 and cost["engine"]["scheduler_cls"] == RECORDER_CLS
