@@ -108,7 +108,8 @@ class StepRecorder(Scheduler):
         path = step_log_path(vllm_config)
         self._log: TextIO | None = None
         if path is None:
-            logger.warning("StepRecorder: no %r in additional_config and no %s set; recording nothing", STEP_LOG_KEY, STEP_LOG_ENV)
+            logger.warning("StepRecorder: no %r in additional_config and no %s set; recording nothing",
+                           STEP_LOG_KEY, STEP_LOG_ENV)
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(path, "a", buffering=_LOG_BUFFER_BYTES)  # noqa: SIM115 - closed in shutdown()
@@ -394,7 +395,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="share of steps, slowest against the first fit, dropped before the final fit (default 0.01)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = parser.add_argument_group("workload (pars-fast bench e2e's defaults: the same stream)")
-    g.add_argument("--data", default="sharegpt", help="'sharegpt' (its held-out test split) or a .jsonl of {prompt, response_len}")
+    g.add_argument("--data", default="sharegpt",
+                   help="'sharegpt' (its held-out test split) or a .jsonl of {prompt, response_len}")
     g.add_argument("-n", "--n", type=int, default=200, help="requests in the stream (default 200, as bench e2e)")
     g.add_argument("--loads", type=_loads, default=_loads(DEFAULT_LOADS),
                    help="comma-separated: 'burst' and/or multiples of the capacity measured from the burst (default "
@@ -426,7 +428,8 @@ def command_line(args: argparse.Namespace) -> str:
                     "--max-num-batched-tokens": args.max_num_batched_tokens}
         parts += [x for k, v in optional.items() if v is not None for x in (k, str(v))]
         if args.dtype != "auto" or args.kv_cache_gib != 1 or args.max_prompt_tokens != 1024:
-            parts += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib), "--max-prompt-tokens", str(args.max_prompt_tokens)]
+            parts += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
+                      "--max-prompt-tokens", str(args.max_prompt_tokens)]
     parts += ["--trim", f"{args.trim:g}", "--out", args.out]
     return "pars-fast sim calibrate " + shlex.join(parts)
 
@@ -492,7 +495,8 @@ def record(args: argparse.Namespace, step_log: Path, log=print) -> dict[str, Any
                 if tps is None:
                     raise RuntimeError("the burst never kept every slot busy, so the capacity is unknown; pass --capacity")
                 capacity = tps / mean_tokens
-                log(f"capacity: {capacity:.3f} req/s ({tps:.0f} tok/s with every slot busy / {mean_tokens:.0f} tokens per request)")
+                log(f"capacity: {capacity:.3f} req/s ({tps:.0f} tok/s with every slot busy / "
+                    f"{mean_tokens:.0f} tokens per request)")
             log(f"  {name}: {len(timings)} requests in {levels[name]['wall_s']:.1f} s")
     finally:
         handle.close()  # the engine core's shutdown closes the step log
@@ -537,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
             meta = record(args, step_log)
         rows = read_rows(step_log)
         result = fit_linear(rows, trim=args.trim)
-    except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback is in the engine log
+    except (RuntimeError, ValueError, OSError) as exc:  # RunError (with the engine log's tail), WorkloadError, I/O
         print(f"pars-fast sim calibrate: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -565,17 +569,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    fit = result["fit"]["kept"]
-    se = result["fit"]["bootstrap_se"] or {}
-    print(
-        "\n".join(
-            [f"  {name:<20} {1e6 * result[name]:10.3f} µs" + (f"  ± {1e6 * se[name]:.3f}" if name in se else "") for name in COEFFICIENTS]
-            + [f"  R² {fit['r2']:.3f} on {fit['steps']} steps ({result['fit']['trimmed_steps']} trimmed); "
-               f"median |error| {fit['rel_error_median']:.1%} per step, total time {result['fit']['all_usable']['total_time_error']:+.2%}",
-               f"wrote {out} in {result['wall_s']:.0f} s"]
-        ),
-        flush=True,
-    )
+    fit = result["fit"]
+    se = fit["bootstrap_se"] or {}
+    lines = [f"  {name:<20} {1e6 * result[name]:10.3f} µs" + (f"  ± {1e6 * se[name]:.3f}" if name in se else "")
+             for name in COEFFICIENTS]
+    lines += [
+        "  (± : bootstrap standard error within this run; repeated runs on a shared machine differ far more)",
+        f"  R² {fit['kept']['r2']:.3f} on {fit['kept']['steps']} steps ({fit['trimmed_steps']} trimmed); median |error| "
+        f"{fit['kept']['rel_error_median']:.1%} per step, total time {fit['all_usable']['total_time_error']:+.2%}",
+        f"wrote {out} in {result['wall_s']:.0f} s",
+    ]
+    print("\n".join(lines), flush=True)
     return 0
 
 
