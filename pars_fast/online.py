@@ -29,6 +29,15 @@ a second predictor and blends it with the ranker by measured merit:
   the end-to-end benchmark, cap every request at its true length:
   ``trust_length_caps=True`` treats a cap as an exact label there.)
 
+**Cost.** With the ranker inline, :meth:`OnlineLearner.observe` runs on the engine
+thread, once per finished request. It reads the whole memory once (``memory x dim``
+multiply-adds, on the calling thread: no BLAS threads) plus a few fixed-size NumPy calls.
+Every 8th call (every call until ``min_observations``) also re-chooses the weight: one
+``[window, window]`` known-pair mask, then, for all 14 predictors together, a sort and
+``14 * window**2 / 64`` word operations on bitsets. At memory 2048, dim 384, window 256,
+on one core of this project's 2-core VM (benchmarks/bench_online.py, fastest of 400):
+0.11 ms per observe, 0.43 ms for one that re-chooses the weight.
+
 Everything here is NumPy and deterministic; nothing survives :meth:`reset` or a
 restart (persistence is what traces are for, see :mod:`pars_fast.traces`).
 """
@@ -36,13 +45,12 @@ restart (persistence is what traces are for, see :mod:`pars_fast.traces`).
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-__all__ = ["OnlineConfig", "OnlineLearner", "known_pair_accuracy", "stream_eval"]
+__all__ = ["OnlineConfig", "OnlineLearner", "known_pair_accuracies", "known_pair_accuracy", "stream_eval"]
 
 # Online weights tried when the blend is re-chosen.
 _WEIGHT_GRID = tuple(i / 10 for i in range(11))
@@ -115,6 +123,8 @@ def known_pair_accuracy(pred: np.ndarray, length: np.ndarray, exact: np.ndarray,
     Pair (i, j) is known to have ``length[i] > length[j]`` when j's length is exact
     (it finished on its own) and ``(length[i] - length[j]) / length[i] >= delta``;
     i's may be a lower bound. A tie in ``pred`` counts half. NaN when no pair is known.
+    This is the pair-matrix reference; :func:`known_pair_accuracies` scores many
+    predictors at once, with the same results.
     """
     li, lj = length[:, None], length[None, :]
     known = exact[None, :] & (li > lj) & ((li - lj) >= delta * li)
@@ -124,6 +134,91 @@ def known_pair_accuracy(pred: np.ndarray, length: np.ndarray, exact: np.ndarray,
     diff = pred[:, None] - pred[None, :]
     right = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
     return float(right[known].sum() / n), n
+
+
+def _known_pairs(length: np.ndarray, exact: np.ndarray, delta: float) -> np.ndarray:
+    """``known[i, j]``: i is known to be longer than j (see :func:`known_pair_accuracy`)."""
+    margin = delta * length
+    known = np.subtract.outer(length, length) >= margin[:, None]
+    if not (margin > 0).all():  # a positive margin already implies length[i] > length[j]
+        known &= length[:, None] > length[None, :]
+    known &= exact[None, :]
+    return known
+
+
+def known_pair_accuracies(preds: np.ndarray, length: np.ndarray, exact: np.ndarray, delta: float) -> tuple[np.ndarray, int]:
+    """:func:`known_pair_accuracy` of each row of ``preds`` ([p, m]), and the number of known pairs.
+
+    The known-pair mask is built once, as one 64-bit bitset per item; each predictor then
+    costs a sort and O(m * m / 64) word operations instead of an [m, m] float matrix. The
+    results are the same as the reference's, bit for bit: both count right pairs and ties,
+    and such counts are exact in float64.
+    """
+    preds = np.atleast_2d(np.asarray(preds, dtype=np.float64))
+    p, m = preds.shape
+    known = _known_pairs(length, exact, delta)
+    n = int(np.count_nonzero(known))
+    if n == 0:
+        return np.full(p, math.nan), 0
+    if not np.isfinite(preds).all():  # NaN breaks sorting's order, inf - inf is NaN: use the reference
+        return np.array([known_pair_accuracy(row, length, exact, delta)[0] for row in preds]), n
+    words = -(-m // 64)
+    padded = np.zeros((m, words * 64), dtype=bool)
+    padded[:, :m] = known
+    known_bits = np.packbits(padded, axis=1, bitorder="little").view("<u8")  # [m, words]: row i = {j known shorter}
+    rows = np.arange(p)[:, None]
+    order = np.argsort(preds, axis=1)
+    # below[k, r]: the bitset of the r items that predictor k scores lowest (row 0: none).
+    below = np.zeros((p, m + 1, words), dtype=np.uint64)
+    below[rows, np.arange(1, m + 1)[None, :], order >> 6] = np.left_shift(np.uint64(1), (order & 63).astype(np.uint64))
+    np.bitwise_or.accumulate(below, axis=1, out=below)
+    below = below.reshape(p * (m + 1), words)
+    # Per item, how many items score strictly lower: its position in sorted order, or, for
+    # tied scores, the position where its tie group starts.
+    ranked = np.take_along_axis(preds, order, axis=1)
+    pos = np.broadcast_to(np.arange(m), (p, m))
+    new_group = np.ones((p, m), dtype=bool)
+    np.not_equal(ranked[:, 1:], ranked[:, :-1], out=new_group[:, 1:])
+    tied = not new_group.all()
+    lower = np.empty((p, m), dtype=np.intp)
+    lower[rows, order] = np.maximum.accumulate(np.where(new_group, pos, 0), axis=1) if tied else pos
+    right = _count_known(below, rows * (m + 1) + lower, known_bits)
+    if not tied:
+        return right / n, n
+    # ... and how many score lower or the same (where its tie group ends).
+    group_end = np.ones((p, m), dtype=bool)
+    group_end[:, :-1] = new_group[:, 1:]
+    lower_or_tie = np.empty((p, m), dtype=np.intp)
+    lower_or_tie[rows, order] = np.minimum.accumulate(np.where(group_end, pos + 1, m)[:, ::-1], axis=1)[:, ::-1]
+    right_or_tie = _count_known(below, rows * (m + 1) + lower_or_tie, known_bits)
+    return (right + 0.5 * (right_or_tie - right)) / n, n
+
+
+def _count_known(below: np.ndarray, index: np.ndarray, known_bits: np.ndarray) -> np.ndarray:
+    """Per predictor k: sum over items i of |below[index[k, i]] & known_bits[i]|."""
+    sets = below[index.ravel()].reshape(*index.shape, -1)
+    sets &= known_bits
+    return _popcount(sets).sum(axis=(1, 2), dtype=np.int64)
+
+
+_BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (NumPy < 2.0 has no bitwise_count: a byte table)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return _BYTE_POPCOUNT[np.ascontiguousarray(words).view(np.uint8)].reshape(*words.shape, 8).sum(axis=-1)
+
+
+def _similarities(q: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """``q @ memory.T`` ([n, d] x [size, d] -> [n, size]) as one dot product per pair, on the
+    calling thread. A matrix product would go to BLAS, whose threads, on a machine whose
+    cores are busy (vLLM's CPU backend, a loaded host), turned a 100 us product on the
+    engine thread into milliseconds, and at times seconds (benchmarks/bench_online.py)."""
+    if hasattr(np, "vecdot"):
+        return np.vecdot(q[:, None, :], memory[None, :, :])
+    return np.einsum("nd,sd->ns", q, memory)
 
 
 class _Welford:
@@ -173,7 +268,10 @@ class OnlineLearner:
         self._labels = _Welford()
         self._base = _Welford()
         self._online = _Welford()  # of the online predictions made
-        self._judged: deque[tuple[float, float, float, float, bool]] = deque(maxlen=c.window)
+        # The last `window` judged requests, a ring of rows (base, online, final, output
+        # tokens, exact): the accuracies are sums over pairs, so row order does not matter.
+        self._judged = np.zeros((c.window, 5))
+        self._num_judged = 0
         self.weight = 0.0
         self._weight_updates = 0
         self.accuracy: dict[str, float] = {"base": math.nan, "online": math.nan, "blend": math.nan}
@@ -188,7 +286,7 @@ class OnlineLearner:
         if self._emb is None or self._size == 0:
             return np.full(len(emb), self._labels.mean if self._labels.n else 0.0)
         q = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        sims = q @ self._emb[: self._size].T  # [n, size]
+        sims = _similarities(q.astype(np.float32, copy=False), self._emb[: self._size])  # [n, size]
         k = min(self.config.k, self._size)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < self._size else np.broadcast_to(np.arange(self._size), (len(q), self._size))
         s = np.take_along_axis(sims, top, axis=1) / self.config.temperature
@@ -218,7 +316,7 @@ class OnlineLearner:
             return base.copy(), online
         return self._blend(base, online, self.weight), online
 
-    def _blend(self, base: np.ndarray, online: np.ndarray, w: float) -> np.ndarray:
+    def _blend(self, base: np.ndarray, online: np.ndarray, w: float | np.ndarray) -> np.ndarray:
         sd_b, sd_o = max(self._base.std, 1e-9), max(self._online.std, 1e-9)
         z_b = (base - self._base.mean) / sd_b
         z_o = (online - self._online.mean) / sd_o
@@ -243,8 +341,9 @@ class OnlineLearner:
         self.observed += 1
         self.censored += int(not exact)
         if all(math.isfinite(v) for v in (base, online, final)):
-            self._judged.append((base, online, final, float(output_tokens), exact))
-            if self.observed % 8 == 0 or len(self._judged) <= c.min_observations:
+            self._judged[self._num_judged % c.window] = (base, online, final, float(output_tokens), exact)
+            self._num_judged += 1
+            if self.observed % 8 == 0 or min(self._num_judged, c.window) <= c.min_observations:
                 self._update_weight()
         # Learn: ridge (a censored label only pushes a prediction up to its bound) ...
         x = self._features(None if emb is None else np.asarray(emb, dtype=np.float32)[None, :], np.array([prompt_tokens]))[0]
@@ -277,20 +376,23 @@ class OnlineLearner:
 
     def _update_weight(self) -> None:
         c = self.config
-        if len(self._judged) < c.min_observations:
+        if min(self._num_judged, c.window) < c.min_observations:
             self.weight = 0.0
             return
-        arr = np.array(self._judged, dtype=np.float64)
-        length, exact = arr[:, 3], arr[:, 4].astype(bool)
-        for col, name in ((0, "base"), (1, "online"), (2, "blend")):
-            self.accuracy[name], self.known_pairs = known_pair_accuracy(arr[:, col], length, exact, c.delta)
+        arr = self._judged[: min(self._num_judged, c.window)]
+        length, exact = arr[:, 3], arr[:, 4] != 0
+        # Rows: the base ranker, the online predictor and the blend each request got, then
+        # the blends at each weight of the grid; all judged in one pass.
+        grid = np.array(_WEIGHT_GRID)[:, None]
+        preds = np.concatenate([arr[:, :3].T, self._blend(arr[:, 0], arr[:, 1], grid)])
+        acc, self.known_pairs = known_pair_accuracies(preds, length, exact, c.delta)
+        self.accuracy = {"base": float(acc[0]), "online": float(acc[1]), "blend": float(acc[2])}
         if self.known_pairs == 0:
             return
         best_w, best_acc = 0.0, -1.0
-        for w in _WEIGHT_GRID:  # ascending: a tie keeps the smaller online weight
-            acc = known_pair_accuracy(self._blend(arr[:, 0], arr[:, 1], w), length, exact, c.delta)[0]
-            if acc > best_acc + 1e-9:
-                best_w, best_acc = w, acc
+        for w, a in zip(_WEIGHT_GRID, acc[3:]):  # ascending: a tie keeps the smaller online weight
+            if a > best_acc + 1e-9:
+                best_w, best_acc = w, float(a)
         self.weight = best_w if self._weight_updates == 0 else 0.5 * (self.weight + best_w)
         self._weight_updates += 1
 

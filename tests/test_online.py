@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pars_fast.online import OnlineConfig, OnlineLearner, known_pair_accuracy
+from pars_fast.online import OnlineConfig, OnlineLearner, _similarities, known_pair_accuracies, known_pair_accuracy
 
 
 def brute_force_accuracy(pred, length, exact, delta):
@@ -41,6 +41,33 @@ def test_known_pair_accuracy_of_a_perfect_and_a_reversed_order():
     # A censored ("at least") label is never the known-shorter one of a pair.
     all_censored = np.zeros(4, dtype=bool)
     assert math.isnan(known_pair_accuracy(length, length, all_censored, 0.2)[0])
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 63, 64, 65, 127, 129, 256])
+@pytest.mark.parametrize("delta", [0.0, 0.2])
+@pytest.mark.parametrize("ties", [True, False])
+def test_known_pair_accuracies_equal_the_pair_matrix_bit_for_bit(m, delta, ties):
+    rng = np.random.default_rng(m)
+    length = rng.integers(0, 60, m).astype(float)  # few values (0 too): ties in length
+    exact = rng.random(m) > 0.3
+    preds = rng.normal(size=(14, m))
+    if ties:
+        preds = np.round(preds, 1)
+        preds[0] = preds[1]  # and two identical predictors
+    got, n = known_pair_accuracies(preds, length, exact, delta)
+    for row, acc in zip(preds, got):
+        want, want_n = known_pair_accuracy(row, length, exact, delta)
+        assert want_n == n
+        assert (math.isnan(want) and math.isnan(acc)) or acc == want  # ==: counts are exact in float64
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_known_pair_accuracies_of_non_finite_predictions_match_the_reference():
+    length = np.array([10.0, 20, 40, 80, 160])
+    exact = np.ones(5, dtype=bool)
+    preds = np.array([[1.0, np.nan, 3, 4, 5], [np.inf, np.inf, -np.inf, 0, 1]])
+    got, _ = known_pair_accuracies(preds, length, exact, 0.2)
+    assert got.tolist() == [known_pair_accuracy(row, length, exact, 0.2)[0] for row in preds]
 
 
 def _stream(n, seed, base_quality):
@@ -146,6 +173,63 @@ def test_deterministic():
     b = _run(OnlineLearner(OnlineConfig(), dim=8), prompt, lengths, base, emb)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+class _PairMatrixLearner(OnlineLearner):
+    """The learner as it was: the blend weight chosen with one pair matrix per predictor,
+    from the judged requests in arrival order."""
+
+    def _update_weight(self):
+        c = self.config
+        m = min(self._num_judged, c.window)
+        if m < c.min_observations:
+            self.weight = 0.0
+            return
+        arr = np.roll(self._judged[:m], -(self._num_judged % c.window) if self._num_judged > c.window else 0, axis=0)
+        length, exact = arr[:, 3], arr[:, 4].astype(bool)
+        for col, name in ((0, "base"), (1, "online"), (2, "blend")):
+            self.accuracy[name], self.known_pairs = known_pair_accuracy(arr[:, col], length, exact, c.delta)
+        if self.known_pairs == 0:
+            return
+        best_w, best_acc = 0.0, -1.0
+        for w in (i / 10 for i in range(11)):
+            acc = known_pair_accuracy(self._blend(arr[:, 0], arr[:, 1], w), length, exact, c.delta)[0]
+            if acc > best_acc + 1e-9:
+                best_w, best_acc = w, acc
+        self.weight = best_w if self._weight_updates == 0 else 0.5 * (self.weight + best_w)
+        self._weight_updates += 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_one_pass_weight_update_chooses_what_the_pair_matrices_chose(seed):
+    """Random streams (ties, censoring, a window that wraps): every score, weight and
+    accuracy of the learner equals the one-pair-matrix-per-predictor computation's."""
+    rng = np.random.default_rng(seed)
+    config = OnlineConfig(window=int(rng.choice([40, 64, 100])), min_observations=int(rng.choice([8, 32])), memory=128)
+    prompt, lengths, base, emb = _stream(400, 10 + seed, base_quality=float(rng.uniform(0, 1)))
+    base = np.round(base, 1)  # ties in the base scores
+    capped = rng.random(400) < 0.2
+    new, old = OnlineLearner(config, dim=8), _PairMatrixLearner(config, dim=8)
+    for i in range(400):
+        for learner in (new, old):
+            f, o = learner.score(base[i : i + 1], emb[i : i + 1], prompt[i : i + 1])
+            learner.observe(base[i], o[0], f[0], emb[i], int(prompt[i]), int(lengths[i]), bool(capped[i]))
+        assert new.weight == old.weight and new.known_pairs == old.known_pairs
+        assert new.stats() == old.stats()
+        assert np.array_equal(new.predict(emb[i : i + 1], prompt[i : i + 1]), old.predict(emb[i : i + 1], prompt[i : i + 1]))
+    assert 0 < new.weight < 1 and new.known_pairs > 0  # the blend was exercised, not stuck at an end
+
+
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_similarities_are_the_matrix_product(n):
+    rng = np.random.default_rng(n)
+    memory = rng.normal(size=(257, 384)).astype(np.float32)
+    memory /= np.linalg.norm(memory, axis=1, keepdims=True)
+    q = memory[rng.integers(0, 257, n)] + 0.1 * rng.normal(size=(n, 384)).astype(np.float32)
+    got = _similarities(q, memory)
+    assert got.shape == (n, 257) and got.dtype == np.float32
+    # fp32 dot products of length 384 in another summation order: ~1e-7 relative apart
+    np.testing.assert_allclose(got, q @ memory.T, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize(
