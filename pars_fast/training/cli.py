@@ -26,8 +26,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     r = RankerConfig()
     parser.add_argument(
         "--recipe", choices=sorted(RECIPES), default=None,
-        help="named settings (docs/RANKING.md): fast, default (the default ranker's), paper (PARS's full "
-        "fine-tune), best; flags given here override the recipe's values",
+        help="named settings (docs/RANKING.md): fast, default (the default ranker's; what a run without --out "
+        "trains), paper (PARS's full fine-tune), best; flags given here override the recipe's values",
     )
     parser.add_argument(
         "--data",
@@ -97,7 +97,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RankerConf
     The RankerConfig is ``None`` when neither gives one of its keys: the backbone's
     own (a saved ranker's) or the defaults.
     """
-    settings: dict[str, Any] = recipe(args.recipe) if args.recipe else {}
+    name = args.recipe
+    if name is None and getattr(args, "out", None) is None:
+        # Writing $PARS_FAST_HOME/rankers/default: train what "the default ranker" means
+        # (the same recipe ensure_default_ranker trains), not the bare flag defaults.
+        from pars_fast.training.default import DEFAULT_RECIPE
+
+        name = DEFAULT_RECIPE
+    settings: dict[str, Any] = recipe(name) if name else {}
     train_keys = {f.name for f in fields(TrainConfig)}
     for key in train_keys | set(RANKER_KEYS):
         value = getattr(args, key, None)
