@@ -70,6 +70,9 @@ def add_e2e_arguments(parser: argparse.ArgumentParser, *, n: int, loads: str, ou
     g.add_argument("--repeats", type=int, default=1,
                    help="serve every load this many times per policy, in rotation; each ratio is then the median of "
                    "the back-to-back pairs, with its range (default 1; this noisy 2-core machine needs 3+)")
+    g.add_argument("--record-steps", action="store_true",
+                   help="the FCFS engine records every step (logs/fcfs.steps.jsonl) to calibrate the simulator: "
+                   "pars-fast sim calibrate --from-log OUT/logs/fcfs.steps.jsonl --out COST.json")
     g.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip samples with longer prompts (default 1024)")
     g.add_argument("--max-response-tokens", type=int, default=None, help="clip responses to this many tokens (default: no clip)")
     g = parser.add_argument_group("policies")
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         verbose=args.verbose,
         timeout_s=args.timeout,
         schedule=args.schedule,
+        record_steps=args.record_steps,
     )
 
 

@@ -102,6 +102,10 @@ class BenchConfig:
     # engine at a time (needed when the engines would not fit together, e.g. a big model
     # on one GPU). "auto": sequential on a CUDA machine, else interleaved.
     schedule: str = "auto"
+    # The FCFS engine records every step's composition and duration (logs/fcfs.steps.jsonl)
+    # with pars_fast.sim.calibrate.StepRecorder, a vLLM Scheduler that only records: the same
+    # runs then calibrate the simulator (`pars-fast sim calibrate --from-log`).
+    record_steps: bool = False
 
     def check(self) -> None:
         clash = sorted(set(self.variants) & set(POLICIES))
@@ -309,10 +313,19 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
         kv_cache_gib=config.kv_cache_gib,
         extra_args=dict(config.engine_args),
     )
+    def policy_spec(name: str) -> PolicySpec:
+        spec = make_policy(name, workload.jobs, ranker_dir, config.aging, config.variants)
+        if name == "fcfs" and config.record_steps:
+            step_log = out_dir / "logs" / "fcfs.steps.jsonl"
+            step_log.unlink(missing_ok=True)
+            spec = PolicySpec(name, scheduler_cls="pars_fast.sim.calibrate.StepRecorder",
+                              additional_config={"step_log": str(step_log)})
+        return spec
+
     engines = {
         name: PolicyEngine(
             RunSpec(
-                policy=make_policy(name, workload.jobs, ranker_dir, config.aging, config.variants),
+                policy=policy_spec(name),
                 engine=engine,
                 prompt_token_ids=[j.prompt_token_ids for j in workload.jobs],
                 max_tokens=[j.max_tokens for j in workload.jobs],

@@ -106,6 +106,8 @@ class PolicySpec:
     # score as vLLM's priority (pars-frontend: the ranker in the serving front end).
     frontend_ranker: str | None = None
     frontend_aging: float = 0.0
+    # More of vLLM's additional_config, merged with "pars" (e.g. a step recorder's "step_log").
+    additional_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -137,11 +139,15 @@ class RunSpec:
         if self.policy.scheduler_cls:
             kwargs["scheduler_cls"] = self.policy.scheduler_cls
         kwargs["scheduling_policy"] = self.policy.scheduling_policy
+        # Merged, not replaced: --engine-arg additional_config=... and the policy's own keys stay.
+        extra = {**(kwargs.get("additional_config") or {}), **(self.policy.additional_config or {})}
         if self.policy.pars is not None:
             pars = dict(self.policy.pars)
             if self.stats_file:
                 pars["stats_file"] = self.stats_file
-            kwargs["additional_config"] = {"pars": pars}
+            extra["pars"] = pars
+        if extra:
+            kwargs["additional_config"] = extra
         return kwargs
 
 
