@@ -720,6 +720,8 @@ def test_config_precedence_and_env_mirror():
     assert config.fallback.budget_s == 2.0 and config.fallback.on_error == "fcfs"
     assert PARSConfig.from_sources({}, {}).ranker == "default"
     assert PARSConfig.from_sources({}, {}).threads == 1
+    assert PARSConfig.from_sources({}, {}).device == "cpu"  # even where CUDA is available: GPU memory is vLLM's
+    assert PARSConfig.from_sources({}, {"PARS_FAST_DEVICE": "auto"}).device == "auto"
     assert PARSConfig.from_sources({}, {"PARS_FAST_THREADS": "2"}).threads == 2
     assert PARSConfig.from_sources({"threads": None}, {"PARS_FAST_THREADS": "2"}).threads is None
     with pytest.raises(PARSConfigError, match="PARS_FAST_SCORE_BATCH_MAX"):

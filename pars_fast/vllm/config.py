@@ -139,15 +139,22 @@ class PARSConfig:
     worker: str = "auto"
     # Ranker backend passed to Ranker.load ("auto", "torch", "triton", ...).
     backend: str = "auto"
-    # Device of a text ranker: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
+    # Device of a text ranker: "cpu", "cuda", "cuda:1", ..., or "auto" (cuda if available,
+    # else cpu). CPU by default, GPU servers included: one CPU thread scores ~130 ShareGPT
+    # prompts/s (the default ranker, int8; benchmarks/ranker_cost.py), more than a GPU
+    # serves (Llama-3.1-8B on one H100: ~60 requests/s at saturation), while on the GPU each
+    # engine core's worker would add a CUDA context and MiniLM, ~0.5-0.7 GiB that vLLM sized
+    # its KV cache without (docs/ARCHITECTURE.md, "The ranker's memory on a GPU server").
+    device: str = "cpu"
     # CPUs the process worker may run on: "auto" (on vLLM's CPU backend, the CPUs it
     # does not bind model workers to; elsewhere any), or a list of CPU ids.
     cpus: str | tuple[int, ...] = "auto"
     # Niceness of the process worker: the engine core's own work goes first.
     nice: int = 5
     # CPU threads the ranker scores with. One is fastest next to a busy vLLM process
-    # (OpenMP threads that share a core wait on each other). None: torch's setting.
+    # (OpenMP threads that share a core wait on each other), and keeps up with ~130
+    # prompts/s in full batches (~80/s one by one); raise it where one engine core must
+    # rank more arrivals than that. None: torch's setting.
     threads: int | None = 1
     # JSON file the engine core rewrites with the counters after every scored batch;
     # "{pid}" and "{dp_rank}" are filled in. None: no file.
