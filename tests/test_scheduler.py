@@ -31,6 +31,7 @@ from pars_fast.vllm.policy import MIN_FINISHES
 from pars_fast.vllm.runtime import SchedulerRuntime
 from pars_fast.vllm.scoring import PROMPT_DECODE_CAP
 from pars_fast.sim.harness import (
+    BatchQueue,
     RequestFactory,
     admission_order,
     finish_order,
@@ -600,22 +601,39 @@ def _check_invariants(sched: Scheduler) -> None:
     ids=["oracle", "text-ranker", "text-ranker-worker", "async"],
 )
 def test_random_soak_nothing_lost_or_duplicated(tiny_llama_dir, factory, tokenizer, cls, pars, events):
-    """Random adds, aborts, external finishes and steps on a small KV cache (so preemption happens)."""
+    """Random adds, aborts, external finishes and steps on a small KV cache (so preemption
+    happens); the async variant keeps two steps in flight (vLLM's batch queue), so aborts
+    and finishes land between a step's scheduling and its output.
+
+    Exact accounting at the end: every request ends once (served, stopped from outside or
+    aborted), and once in PARS's counters: scored, a fallback, unranked (finished without
+    a score), or skipped (its job was cancelled before the worker reached it). Every score
+    the ranker produced was applied to its request, or dropped because it came back after
+    the request was gone."""
     vllm_config = make_vllm_config(
         tiny_llama_dir, pars=pars, max_num_seqs=6, num_blocks=24, block_size=16, async_scheduling=cls is PARSAsyncScheduler
     )
     sched = make_scheduler(PARSScheduler, vllm_config)
     assert type(sched) is cls
+    engine = BatchQueue(sched, size=2 if cls is PARSAsyncScheduler else 1)
     rng = random.Random(1234)
     added: list[str] = []
-    ended: list[str] = []  # finished by the engine or by finish_requests, in order
+    served: list[str] = []  # finished by the engine
+    stopped: list[str] = []  # finished by finish_requests(FINISHED_STOPPED)
+    aborted: list[str] = []
     live: set[str] = set()
     num_preempted = 0
 
-    def finish(ids: list[str], status: RequestStatus) -> None:
-        done = sched.finish_requests(ids, status)
-        ended.extend(r.request_id for r in done)
-        live.difference_update(r.request_id for r in done)
+    def finish(ids: list[str], status: RequestStatus, into: list[str]) -> None:
+        done = [r.request_id for r in sched.finish_requests(ids, status)]
+        into.extend(done)
+        live.difference_update(done)
+
+    def note(res) -> None:
+        nonlocal num_preempted
+        num_preempted += len(res.preempted)
+        served.extend(rid for rid, _ in res.finished)
+        live.difference_update(rid for rid, _ in res.finished)
 
     for _ in range(events):
         roll = rng.random()
@@ -627,24 +645,35 @@ def test_random_soak_nothing_lost_or_duplicated(tiny_llama_dir, factory, tokeniz
             added.append(r.request_id)
             live.add(r.request_id)
         elif roll < 0.27 and live:
-            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_ABORTED)
+            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_ABORTED, aborted)
         elif roll < 0.30 and live:
-            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_STOPPED)
+            finish([rng.choice(sorted(live))], RequestStatus.FINISHED_STOPPED, stopped)
         else:
-            res = step(sched)
-            num_preempted += len(res.preempted)
-            for rid, _ in res.finished:
-                ended.append(rid)
-                live.discard(rid)
+            note(engine.step())
             _check_invariants(sched)
-    for res in run_until_idle(sched):
-        ended.extend(rid for rid, _ in res.finished)
-    assert len(ended) == len(set(ended)), "a request finished twice"
-    assert sorted(ended) == sorted(added), "a request never finished"
+    for res in engine.run_until_idle():
+        note(res)
     assert num_preempted > 0, "the KV cache was meant to force preemptions"
+    assert engine.max_in_flight == engine.size
+    ended = served + stopped + aborted
+    assert len(ended) == len(set(ended)), "a request ended twice"
+    assert sorted(served + stopped) == sorted(set(added) - set(aborted)), "a request never finished"
+    assert len(ended) == len(added) and aborted and stopped
+
+    assert sched.wait_for_scores(60)  # the worker answered every job: scores, or "skipped" for cancelled ones
+    step(sched)  # an empty step reads those answers (the next arrival's step would)
+    assert sched.sync_worker(60)
     stats = sched.pars_stats()
-    assert stats["requests_scored"] + stats["requests_fallback"] <= len(added)
-    assert stats["requests_fallback"] == 0
+    assert stats["requests_fallback"] == 0 and stats["requests_scored"] > 0
+    assert (
+        stats["requests_scored"] + stats["requests_fallback"] + stats["requests_unranked"] + stats["requests_skipped"]
+        == len(added)
+    ), "a request was counted twice, or not at all"
+    assert stats["scores_applied"] + stats["scores_late"] == stats["requests_scored"]
+    # A request freed with its job at the worker cancels the job: skipped, or its score is late.
+    assert stats["requests_skipped"] + stats["scores_late"] == stats["worker"].get("jobs_cancelled", 0)
+    assert stats["worker"].get("in_flight", 0) == 0
+    assert sched._book.index_sizes() == {"records": 0, "waiting_unscored": 0, "running_unscored": 0}
     assert_empty(sched)
     sched.shutdown()
 
@@ -790,11 +819,13 @@ def test_serve_merges_pars_options_into_vllm_args():
     assert argv[argv.index("--scheduler-cls") + 1] == SCHEDULER_CLS
     extra = json.loads(argv[argv.index("--additional-config") + 1])
     assert extra["other"] == 1
-    assert extra["pars"] == {
-        "aging": 0.5,
-        "ranker": "oracle",
-        "fallback": {"budget_s": 2.0, "max_share": 0.2, "deadline_s": 30.0, "retry_after_s": 30.0, "on_error": "fcfs"},
-    }
+    pars = extra["pars"]
+    assert set(pars) == {"aging", "ranker", "fallback"}
+    assert pars["aging"] == 0.5 and pars["ranker"] == "oracle"  # a flag wins over --additional-config
+    assert pars["fallback"]["budget_s"] == 2.0
+    # The engine reads what the user asked for: the flag's budget, every other fallback key as if unset.
+    asked = PARSConfig.from_sources({"aging": 0.5, "ranker": "oracle", "fallback": {"budget_s": 2}}, {})
+    assert PARSConfig.from_sources(pars, {}) == asked
 
 
 @pytest.mark.parametrize(
