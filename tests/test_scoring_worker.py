@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from vllm.v1.request import RequestStatus
 from pars_fast.sim.harness import RequestFactory, admission_order, finish_order, make_scheduler, make_vllm_config, run_until_idle, step
 
-from pars_fast.vllm import PARSConfigError, PARSScheduler
+from pars_fast.vllm import PARSConfig, PARSConfigError, PARSScheduler
+from pars_fast.vllm.runtime import SchedulerRuntime
 from pars_fast.vllm.worker import STOP_TIMEOUT_S
 
 MODES = ["thread", "process"]
@@ -82,13 +83,15 @@ def factory():
 
 @pytest.fixture
 def build(tiny_llama_dir):
-    """build(mode, ranker_cls, pars=None, **vllm) -> scheduler; shut down after the test."""
+    """build(mode, ranker_cls, pars=None, runtime=None, **vllm) -> scheduler (``runtime``: its
+    ``pars_runtime``); shut down after the test."""
     made: list[PARSScheduler] = []
 
-    def _build(mode, ranker_cls=NumberRanker, pars=None, **kwargs):
+    def _build(mode, ranker_cls=NumberRanker, pars=None, runtime=None, **kwargs):
         # min_queue 1: rank every queue, however short (these tests are about the worker).
         config = {"ranker": spec(ranker_cls), "worker": mode, "min_queue": 1, **(pars or {})}
-        sched = make_scheduler(PARSScheduler, make_vllm_config(tiny_llama_dir, pars=config, **kwargs))
+        extra = {} if runtime is None else {"pars_runtime": runtime}
+        sched = make_scheduler(PARSScheduler, make_vllm_config(tiny_llama_dir, pars=config, **kwargs), **extra)
         made.append(sched)
         return sched
 
@@ -319,35 +322,60 @@ def test_process_worker_is_pinned_and_niced(build):
     assert int(stat[16]) == 7  # field 19 of /proc/PID/stat: nice
 
 
-def test_process_worker_defaults_to_the_cpus_vllm_leaves_free(build):
+def test_process_worker_runs_on_the_cpus_the_model_leaves_free(build, monkeypatch):
     """On vLLM's CPU backend the model worker's OpenMP threads are bound to their own cores
-    and one core is reserved for the engine core; a process worker gets the spare ones, or,
-    with none spare, the engine core's (never the model's)."""
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
+    (here, by VLLM_CPU_OMP_THREADS_BIND, to the first CPU this process may use): a process
+    worker is pinned to every other CPU, and really runs there."""
+    from vllm.platforms import current_platform
 
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's CPU binding applies to its CPU backend only")
+    ours = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(ours[0]))
     sched = build("process")
-    manager = OMPProcessManager(sched.vllm_config)
-    model = {c for cpus in manager.cpu_lists for c in cpus}
-    spare = sorted(set(os.sched_getaffinity(0)) - model - set(manager.reserved_cpu_list))
-    expected = spare or sorted(set(os.sched_getaffinity(0)) - model) or None
-    assert sched.pars_stats()["worker"].get("cpus") == expected
+    worker = sched.pars_stats()["worker"]
+    if len(ours) == 1:  # nothing but the model's CPU: left unpinned
+        assert "cpus" not in worker or worker["cpus"] is None
+        return
+    assert worker["cpus"] == ours[1:]
+    assert sorted(os.sched_getaffinity(worker["pid"])) == ours[1:]
 
 
-def test_auto_placement_scores_inline_without_a_spare_core(build, factory, tokenizer):
+def test_without_a_spare_cpu_a_process_worker_shares_the_engine_cores():
+    """vLLM's CPU backend on two cores binds the model to one and reserves the other for the
+    engine core: no CPU is spare, so a process worker (when asked for) shares the engine
+    core's, never the model's. Configured CPUs win; off the CPU backend it is not pinned."""
+    from pars_fast.vllm.scheduler import _CpuPlacement, _worker_cpus
+
+    ours = sorted(os.sched_getaffinity(0))
+    model = frozenset(ours[:1])
+    config = PARSConfig(ranker="default", worker="process")
+    assert _worker_cpus(config, _CpuPlacement(model, frozenset(ours[1:]), spare=())) == (ours[1:] or None)
+    assert _worker_cpus(config, _CpuPlacement(model, frozenset(), spare=(7, 9))) == [7, 9]
+    assert _worker_cpus(PARSConfig(ranker="default", worker="process", cpus=(3,)), None) == [3]
+    assert _worker_cpus(config, None) is None
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["no-spare-cpu", "spare-cpus"])
+def test_auto_placement_scores_inline_without_a_spare_core(build, factory, tokenizer, spare):
     """worker "auto": with no CPU left beside the model's and the engine core's (vLLM's CPU
-    backend on this 2-core machine), the ranker scores inline; with spare cores, in a process."""
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-    sched = build("auto", max_num_seqs=1)
-    manager = OMPProcessManager(sched.vllm_config)
-    model = {c for cpus in manager.cpu_lists for c in cpus}
-    spare = set(os.sched_getaffinity(0)) - model - set(manager.reserved_cpu_list)
+    backend on a small machine), the ranker scores inline, before the step: the first
+    admission is already the shortest. With spare CPUs (a GPU server) it scores in a
+    process, and the step never waits for it: the first admission is the first arrival,
+    the rest follow the scores."""
+    sched = build("auto", runtime=SchedulerRuntime(spare_cpus=spare), max_num_seqs=1)
     assert sched.pars_stats()["worker"]["mode"] == ("process" if spare else "inline")
     numbers = [50, 3, 20, 7]
     reqs = add_numbered(sched, factory, tokenizer, numbers)
-    results = run_until_idle(sched)
-    if not spare:  # inline: every waiting request was scored before the first step
-        assert admission_order(results) == by_number(reqs, numbers)
+    first = step(sched)
+    if spare:
+        assert first.admitted == [reqs[0].request_id]
+        assert sched.wait_for_scores(60)
+        rest = by_number(reqs[1:], numbers[1:])
+    else:
+        assert first.admitted == [by_number(reqs, numbers)[0]]
+        rest = by_number(reqs, numbers)[1:]
+    assert admission_order(run_until_idle(sched)) == rest
     assert_empty(sched)
 
 
