@@ -46,7 +46,7 @@ test-vllm-next: setup
 		$(PY) -m pip install --quiet --upgrade --no-deps --target .vllm-next vllm==0.33.0
 	VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(CURDIR)/.vllm-next PARS_FAST_EXPECT_VLLM=0.33.0 TRITON_INTERPRET=1 \
 		$(PY) -m pytest -q tests/test_scheduler.py tests/test_queue.py tests/test_scoring_worker.py \
-		tests/test_vllm_next.py tests/test_compat.py tests/test_sim_engine.py
+		tests/test_vllm_next.py tests/test_compat.py tests/test_scheduler_states.py tests/test_sim_engine.py
 
 # Build the wheel, install it into a fresh venv (outside .venv/) and smoke-test the install.
 check-wheel:

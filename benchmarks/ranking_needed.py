@@ -17,6 +17,14 @@ target asks for, before anyone trains for it::
 
 Times are in units of one token per slot (``--token-ms``; the e2e capacity of
 docs/e2e/repeats measured 7.8 ms), which matters only for PARSScheduler's aging.
+
+``--sim``: the same curve at GPU scale, on the simulator instead of the ideal server
+(``pars_fast.sim``: vLLM's own scheduler and KV cache manager, ``PARSScheduler`` with
+its shipped defaults and the ranker's modelled cost, GPU step costs), one stream of
+``--n`` ShareGPT test requests in the served model's tokenizer, loads as multiples of
+the simulated capacity (``burst``: the whole stream at once)::
+
+    python benchmarks/ranking_needed.py --sim --n 3000 --loads 1.5,burst --ranker default --ranker prompt-length
 """
 
 from __future__ import annotations
@@ -121,8 +129,120 @@ def needed_tau(curve: list[tuple[float, float, list[float]]], target: float) -> 
     return "more than the oracle order gives"
 
 
+# The simulator's noise levels: fewer than the ideal server's (each point is a run).
+SIM_SIGMAS = (0.0, 0.5, 0.9, 1.4, 2.5)
+
+
+def _sim_run(task: tuple) -> tuple:
+    """One simulated run (in a forked worker): (key, FCFS-or-PARS mean latency, Kendall tau)."""
+    key, policy, scores = task
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from pars_fast.e2e.metrics import summarize
+    from pars_fast.sim.engine import SimEngine
+    from pars_fast.sim.ranking import ScoreTable, sim_runtime
+    from pars_fast.vllm import PARSScheduler
+
+    reqs, dep, cost, rcost, lengths = _SIM[key[0]]
+    if policy == "fcfs":
+        engine = SimEngine(Scheduler, dep, cost)
+    elif policy == "sjf":
+        engine = SimEngine(PARSScheduler, dep, cost, pars={"ranker": "oracle", "log_interval_s": 0},
+                           runtime=lambda clock: sim_runtime(clock, None, lambda rid: 0, rcost))
+    else:
+        table = ScoreTable("noisy oracle" if policy == "noise" else policy, np.asarray(scores, dtype=np.float64), None)
+        engine = SimEngine(PARSScheduler, dep, cost, pars={"ranker": "default", "log_interval_s": 0, "online": False},
+                           runtime=lambda clock: sim_runtime(clock, table, lambda rid: int(rid), rcost))
+    run = engine.run(reqs)
+    tau = kendall_tau(np.asarray(scores), lengths) if scores is not None else float("nan")
+    return key, summarize(run.timings)["latency_mean"], tau
+
+
+_SIM: dict = {}
+
+
+def sim_main(args: argparse.Namespace) -> int:
+    """The tau -> speed-up curve on the simulator (see the module docstring)."""
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from pars_fast.sim.benchmark import saturated_capacity
+    from pars_fast.sim.costs import build_cost_model
+    from pars_fast.sim.engine import Deployment, SimEngine, sim_model_dir
+    from pars_fast.sim.ranking import ranker_cost, score_table
+    from pars_fast.sim.workload import arrival_times, build_workload, load_source, parse_arrivals, served_tokenizer
+
+    dep = Deployment.for_gpu(args.sim_model, args.sim_gpu, args.sim_tp, max_model_len=8192)
+    cost = build_cost_model(args.sim_cost, model=args.sim_model, gpu=args.sim_gpu, tp=args.sim_tp)
+    rcost = ranker_cost(args.sim_ranker_cost)
+    tokenizer = served_tokenizer(args.sim_model)
+    sim_model_dir()
+    work = build_workload("sharegpt-test", args.sim_model, args.n, seed=0, arrivals="burst", max_model_len=8192,
+                          tokenizer=tokenizer)
+    burst = work.requests
+    lengths = np.array([r.output_tokens for r in burst], dtype=np.float64)
+    capacity = args.capacity or saturated_capacity(SimEngine(Scheduler, dep, cost).run(burst[: min(2000, args.n)]).timings)
+    samples = load_source("sharegpt-test", tokenizer)
+    real = {}
+    for name in args.ranker:
+        if name == "prompt-length":
+            real[name] = np.array([r.prompt_len for r in burst], dtype=np.float64)
+        else:
+            from pars_fast.e2e.benchmark import resolve_ranker
+
+            table = score_table(resolve_ranker(name), [s.prompt for s in samples])
+            real[name] = table.scores[[r.sample for r in burst]]
+    print(f"SIMULATION: {args.sim_model} on {args.sim_tp} x {args.sim_gpu} ({dep.num_blocks:,} KV blocks, max_num_seqs "
+          f"{dep.max_num_seqs}); {cost.description}; ranker cost: {rcost.source}; {args.n} ShareGPT test requests; "
+          f"capacity {capacity:.2f} req/s; PARSScheduler's shipped defaults, online adaptation off")
+    tasks = []
+    for load in args.loads.split(","):
+        if load == "burst":
+            reqs = burst
+        else:
+            t = arrival_times(args.n, parse_arrivals("poisson"), float(load) * capacity, 0)
+            reqs = [replace(r, arrival_s=float(a)) for r, a in zip(burst, t)]
+        _SIM[load] = (reqs, dep, cost, rcost, lengths)
+        tasks += [((load, "fcfs"), "fcfs", None), ((load, "sjf"), "sjf", None)]
+        for sigma in SIM_SIGMAS:
+            noise = np.random.default_rng([0, 7]).standard_normal(args.n)
+            tasks.append(((load, f"sigma {sigma}"), "noise", np.log(lengths) + sigma * noise))
+        tasks += [((load, f"ranker `{name}`"), name, scores) for name, scores in real.items()]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        results = {key: (lat, tau) for key, lat, tau in pool.map(_sim_run, tasks)}
+    for load in args.loads.split(","):
+        fcfs = results[(load, "fcfs")][0]
+        print(f"\n### load {load}: FCFS/SJF {fcfs / results[(load, 'sjf')][0]:.2f}x\n")
+        print("| scores | Kendall tau on the stream | FCFS/PARS mean latency |")
+        print("|---|---|---|")
+        curve = []
+        for key, (lat, tau) in results.items():
+            if key[0] != load or key[1] in ("fcfs", "sjf"):
+                continue
+            label = "oracle" if key[1] == "sigma 0.0" else ("oracle + noise " + key[1] if key[1].startswith("sigma") else key[1])
+            print(f"| {label} | {tau:.3f} | {fcfs / lat:.3f}x |")
+            if key[1].startswith("sigma"):
+                curve.append((0.0, tau, [fcfs / lat]))
+        print(f"\nFCFS/PARS >= {args.target}x at {load} (simulated) needs {needed_tau(curve, args.target)}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sim", action="store_true", help="on the simulator at GPU scale (see the module docstring)")
+    parser.add_argument("--sim-model", default="meta-llama/Meta-Llama-3.1-8B")
+    parser.add_argument("--sim-gpu", default="h100_sxm")
+    parser.add_argument("--sim-tp", type=int, default=1)
+    parser.add_argument("--sim-cost", default="aiconfigurator")
+    parser.add_argument("--sim-ranker-cost", default="cpu")
+    parser.add_argument("--capacity", type=float, default=None, help="--sim: capacity in req/s (default: measured)")
+    parser.add_argument("--jobs", type=int, default=2, help="--sim: runs at once")
     parser.add_argument("--ranker", action="append", default=[], help="default, prompt-length or a ranker folder")
     parser.add_argument("--streams", type=int, default=8, help="request streams (seeds 0..N-1)")
     parser.add_argument("--draws", type=int, default=10, help="noise draws per sigma and stream")
@@ -139,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aging", type=float, default=0.01, help="PARSScheduler aging, score units per second")
     parser.add_argument("--min-queue", type=int, default=16, help="PARSScheduler min_queue")
     args = parser.parse_args(argv)
+    if args.sim:
+        return sim_main(args)
 
     loads = [float(x) for x in args.loads.split(",")]
     streams = draw_streams(args)
