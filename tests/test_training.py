@@ -158,8 +158,14 @@ def test_recipes_and_flags_merge():
     cfg, rcfg = configs_from_args(parser.parse_args(["--recipe", "paper", "--epochs", "1", "--truncation", "head_tail"]))
     assert (cfg.mode, cfg.epochs, cfg.batch_size, cfg.lr, cfg.init_head) == ("full", 1, 32, 2e-5, "probe")
     assert rcfg.truncation == "head_tail" and rcfg.max_prompt_tokens == 128
-    cfg, rcfg = configs_from_args(parser.parse_args([]))
+    cfg, rcfg = configs_from_args(parser.parse_args(["--out", "somewhere"]))
     assert cfg == TrainConfig() and rcfg is None  # the backbone's own ranker config, or the defaults
+    # No --out writes the default ranker, so it trains the default recipe, not the bare defaults.
+    from pars_fast.training.default import DEFAULT_RECIPE
+
+    bare, _ = configs_from_args(parser.parse_args([]))
+    named, _ = configs_from_args(parser.parse_args(["--recipe", DEFAULT_RECIPE]))
+    assert bare == named != TrainConfig()
     cfg, _ = configs_from_args(parser.parse_args(["--recipe", "default", "--knn", "off"]))
     assert cfg.mode == "head" and cfg.features and cfg.knn == "off"
     assert set(RECIPES) >= {"fast", "default", "paper", "best"}
