@@ -459,11 +459,6 @@ def test_everything_drains_to_empty_when_the_engine_goes_idle(build, factory, to
     assert_drained(sched)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PARSScheduler._observe skips every unscored request when the learner is inline, so a request "
-    "whose score came back NaN (or whose batch ran over the time limit) leaves its record in "
-    "OnlineScorer._records (up to MAX_PENDING_RECORDS, each with its embedding); fix: send it as an "
-    "aborted Observation (forget only)"))
 def test_inline_fallbacks_leave_no_online_record(build, factory, tokenizer):
     """Inline, a NaN score is a per-request fallback (FCFS key for good); the learner scored
     the batch and keeps a record for each prompt in it, so it must hear that those requests

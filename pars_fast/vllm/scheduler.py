@@ -81,7 +81,7 @@ from pars_fast.vllm.scoring import (
     record_fallback,
     served_tokenizer,
 )
-from pars_fast.vllm.worker import ScoringWorker
+from pars_fast.vllm.worker import ObservationBatch, ScoringWorker
 
 logger = logging.getLogger("pars_fast.vllm")
 
@@ -156,7 +156,7 @@ class PARSScheduler(Scheduler):
         self.policy = SchedulingPolicy.PRIORITY
         self._aging = config.aging
         self._t0 = self.clock.wall()  # priorities count aging from here, to keep the ints small
-        self._book = RequestBook()
+        self._book = RequestBook(is_admitted=_is_admitted)
         self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
         self._num_scores = 0
         self._left_waiting = 0  # requests the last step could not admit
@@ -216,7 +216,9 @@ class PARSScheduler(Scheduler):
         )
         # Online learning needs a text ranker; traces work with any scorer.
         self._online = (self._worker is not None and config.online.enabled) or self._inline_online is not None
-        self._observations: deque[Observation] = deque()
+        # Finished requests for the online learner: columns for a worker, Observations inline.
+        self._observations: ObservationBatch | deque[Observation] = ObservationBatch() if self._worker is not None else deque()
+        self._cancels: list[str] = []  # finished requests whose jobs the worker may skip: sent once a step
         self._trace: TraceWriter | None = None
         if config.trace is not None:
             if config.trace.prompts and tokenizer is None:
@@ -259,13 +261,20 @@ class PARSScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if self._worker is not None:
             self._collect_scores()
-        elif self._book.num_waiting_unscored and self._ranking.queue_is_deep(
-            self._queue_depth(), self._free_slots(), self._left_waiting
+        elif (
+            self._book.num_waiting_unscored
+            and self._ranking.queue_is_deep(self._queue_depth(), self._free_slots(), self._left_waiting)
+            and self._book.has_waiting_unscored()
         ):
             self._score_inline()
         output = super().schedule(*args, **kwargs)
-        self._note_moves(output)
+        if self._trace is not None or getattr(output, "preempted_req_ids", None):
+            self._note_moves(output)
         self._left_waiting = self._queue_depth()
+        # Everything for the worker goes at the end of the step, so that a process link's
+        # sender thread pickles it while the model runs, not while the next step does.
+        if self._cancels:
+            self._send_cancels()
         if (
             self._worker is not None
             and self._book.num_waiting_unscored
@@ -295,7 +304,7 @@ class PARSScheduler(Scheduler):
             if rec.state is ScoreState.UNSCORED:
                 self.counters.requests_unranked += 1
             elif rec.state is ScoreState.SUBMITTED and self._worker is not None:
-                self._worker.cancel((rid,))
+                self._cancels.append(rid)  # sent with the next step's messages
         if self._online:
             self._observe(request, scored=scored)
         if self._trace is not None:
@@ -303,6 +312,7 @@ class PARSScheduler(Scheduler):
         freed = super()._free_request(request, *args, **kwargs)
         if self._is_idle():  # send what finished, and the stats file shows the final counts
             self._ranking.on_idle()
+            self._send_cancels()
             self._flush_observations(everything=True)
             self._write_stats()
         return freed
@@ -331,7 +341,7 @@ class PARSScheduler(Scheduler):
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         """Also forget what the online learner learned: its labels came from the model as it was."""
         if self._online:
-            self._observations.clear()
+            self._observations = ObservationBatch() if self._worker is not None else deque()
             if self._worker is not None:
                 self._worker.reset()
             else:
@@ -342,6 +352,7 @@ class PARSScheduler(Scheduler):
     # vLLM: Scheduler.shutdown
     def shutdown(self) -> None:
         if self._worker is not None:
+            self._send_cancels()
             self._flush_observations(everything=True)
             self._worker.close()
         if self._trace is not None:
@@ -392,7 +403,10 @@ class PARSScheduler(Scheduler):
     def wait_for_scores(self, timeout_s: float = 60.0) -> bool:
         """Block until the worker has answered every job sent so far (tests and benchmarks
         only; vLLM never calls this). The next ``schedule()`` applies the scores."""
-        return self._worker is None or self._worker.wait_idle(timeout_s)
+        if self._worker is None:
+            return True
+        self._send_cancels()
+        return self._worker.wait_idle(timeout_s)
 
     def sync_worker(self, timeout_s: float = 60.0) -> bool:
         """Block until the worker has handled everything sent so far (finished requests
@@ -400,6 +414,7 @@ class PARSScheduler(Scheduler):
         if self._worker is None:
             self._flush_observations(everything=True)
             return True
+        self._send_cancels()
         self._flush_observations(everything=True)
         return self._worker.sync(timeout_s)
 
@@ -422,28 +437,38 @@ class PARSScheduler(Scheduler):
         return len(self._book) <= self.num_waiting_for_streaming_input
 
     def _note_moves(self, output: SchedulerOutput) -> None:
-        """Tell the book which requests this step admitted, resumed and preempted."""
+        """Tell the book which requests this step preempted, and, for traces, which it
+        admitted and resumed (the book needs no word of admissions otherwise)."""
         book = self._book
-        if output.scheduled_new_reqs:
+        if self._trace is not None:
             wall = self.clock.wall()
             for new in output.scheduled_new_reqs:
                 book.admitted(new.req_id, wall)
-        resumed = getattr(output.scheduled_cached_reqs, "resumed_req_ids", None)
-        if resumed:
-            wall = self.clock.wall()
-            for rid in resumed:
+            for rid in getattr(output.scheduled_cached_reqs, "resumed_req_ids", None) or ():
                 book.admitted(rid, wall)
         for rid in getattr(output, "preempted_req_ids", None) or ():
             book.preempted(rid)
 
     def _job(self, request: Request) -> ScoreJob:
-        ids = request.prompt_token_ids
         return ScoreJob(
             request_id=request.request_id,
-            prompt_token_ids=None if ids is None or not self._decode_cap else ids[: self._decode_cap],
+            prompt_token_ids=self._prompt_ids(request),
             num_prompt_tokens=request.num_prompt_tokens,
             max_tokens=request.max_tokens,
         )
+
+    def _prompt_ids(self, request: Request) -> list[int] | None:
+        """The token ids a scorer reads: the request's own list, not a copy (copying a
+        burst's prompts cost the step milliseconds). Nothing changes a prompt but a
+        streaming session's next chunk, so only a session's is copied, and a prompt over
+        the decode cap is cut (a copy, rarely)."""
+        ids = request.prompt_token_ids
+        cap = self._decode_cap
+        if ids is None or not cap:
+            return None
+        if len(ids) > cap or getattr(request, "resumable", False):
+            return ids[:cap]
+        return ids
 
     def _observe(self, request: Request, scored: bool) -> None:
         """Queue a finished request for the online learner (sent once per step).
@@ -453,16 +478,23 @@ class PARSScheduler(Scheduler):
         """
         status = request.status
         label = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
-        if not scored and self._inline_online is not None:
-            return  # inline, an unscored request would have to be embedded inside a step: skipped
-        job = self._job(request) if not scored and label and self.pars_config.online.learn_unscored else None
-        self._observations.append(
+        capped = status == RequestStatus.FINISHED_LENGTH_CAPPED
+        observations = self._observations
+        if isinstance(observations, ObservationBatch):
+            prompt = None
+            if not scored and label and self.pars_config.online.learn_unscored:
+                prompt = (self._prompt_ids(request), request.num_prompt_tokens, request.max_tokens)
+            observations.add(request.request_id, request.num_output_tokens, capped, not label, prompt)
+            return
+        # Inline, an unscored request would have to be embedded inside a step, so it is no
+        # label; it is still sent as "aborted" (forget only): a NaN score or an overrun batch
+        # left a record for it in the learner.
+        observations.append(
             Observation(
                 request_id=request.request_id,
                 output_tokens=request.num_output_tokens,
-                length_capped=status == RequestStatus.FINISHED_LENGTH_CAPPED,
-                aborted=not label,
-                job=job,
+                length_capped=capped,
+                aborted=not (label and scored),
             )
         )
 
@@ -472,8 +504,8 @@ class PARSScheduler(Scheduler):
         if not self._observations:
             return
         if self._worker is not None:
-            self._worker.observe(list(self._observations))
-            self._observations.clear()
+            self._worker.observe(self._observations)
+            self._observations = ObservationBatch()
             return
         online = self._inline_online
         if online is None:
@@ -560,9 +592,16 @@ class PARSScheduler(Scheduler):
         if not chunk:
             return
         self._note_ranking()
-        if worker.submit([self._job(rec.request) for rec in chunk]):
-            for rec in chunk:
-                self._book.set_state(rec, ScoreState.SUBMITTED)
+        sent = worker.submit([self._job(rec.request) for rec in chunk])
+        for rec in chunk[:sent]:
+            self._book.set_state(rec, ScoreState.SUBMITTED)
+
+    def _send_cancels(self) -> None:
+        """Tell the worker which of its jobs finished (one message for the step's finishes)."""
+        if self._cancels:
+            if self._worker is not None:
+                self._worker.cancel(self._cancels)
+            self._cancels = []
 
     def _collect_scores(self) -> None:
         results, lost = self._worker.poll()
@@ -646,6 +685,15 @@ class PARSScheduler(Scheduler):
         except OSError as exc:
             logger.warning("PARS: cannot write stats file %s (%s); no longer writing it", self._stats_file, exc)
             self._stats_file = None
+
+
+# vLLM's statuses of an admitted request: running, or a streaming session paused between
+# turns (it keeps its place; its next chunk makes it a new arrival).
+_ADMITTED = frozenset({RequestStatus.RUNNING, RequestStatus.WAITING_FOR_STREAMING_REQ})
+
+
+def _is_admitted(request: Request) -> bool:
+    return request.status in _ADMITTED
 
 
 def auto_min_queue(max_num_seqs: int) -> int:
