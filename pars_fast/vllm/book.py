@@ -9,15 +9,17 @@ The book also answers, in O(1) per change, the one question scoring asks each st
 *which unscored requests, in which order?* (:meth:`RequestBook.pick_unscored`):
 waiting ones first, oldest first (under FCFS keys they are the next to be admitted,
 so their scores change the most), then running ones (admitted before they were
-scored: their score only orders preemption). The scheduler tells the book when vLLM
-admits, resumes or preempts a request (from each step's ``SchedulerOutput``), so the
-two sides stay correct without scanning the queue.
+scored: their score only orders preemption). An admission costs the book nothing: a
+step admits dozens of requests, most of them scored or never to be scored, so the
+unscored waiting index is corrected when it is read (a record whose request vLLM has
+admitted since moves to the running index, once). The scheduler tells the book about
+preemptions (rare), which move a record back.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -39,8 +41,7 @@ class Tracked:
     request: Any  # vllm.v1.request.Request
     state: ScoreState = ScoreState.UNSCORED
     score: float | None = None
-    running: bool = False  # admitted and not preempted since
-    admitted_at: float | None = None  # wall time it was first scheduled (for traces)
+    admitted_at: float | None = None  # wall time it was first scheduled (kept for traces only)
     rescore: bool = False  # its prompt changed while its score was on the way: drop that score, score again
 
     @property
@@ -48,12 +49,21 @@ class Tracked:
         return self.request.request_id
 
 
+def _never_admitted(request: Any) -> bool:
+    return False
+
+
 class RequestBook:
     """The :class:`Tracked` records of every live request, with the unscored ones indexed
-    by whether they wait or run (insertion order = arrival order)."""
+    by whether they wait or run (insertion order = arrival order).
 
-    def __init__(self) -> None:
+    ``is_admitted(request)``: whether vLLM holds the request as admitted (running, or a
+    session paused between turns); the book reads it to correct its waiting index."""
+
+    def __init__(self, is_admitted: Callable[[Any], bool] = _never_admitted) -> None:
+        self._is_admitted = is_admitted
         self._records: dict[str, Tracked] = {}
+        # Unscored and not known to be admitted: may hold requests admitted since (see pick_unscored).
         self._waiting_unscored: dict[str, Tracked] = {}
         self._running_unscored: dict[str, Tracked] = {}
 
@@ -86,27 +96,41 @@ class RequestBook:
     # ------------------------------------------------------------------ vLLM moved it
 
     def admitted(self, request_id: str, wall: float) -> None:
-        """vLLM scheduled the request (new or resumed)."""
+        """vLLM scheduled the request (new or resumed): only its first admission time is
+        kept (for traces); the unscored index needs no call (see the module docstring)."""
         rec = self._records.get(request_id)
-        if rec is None:
-            return
-        rec.running = True
-        if rec.admitted_at is None:
+        if rec is not None and rec.admitted_at is None:
             rec.admitted_at = wall
-        moved = self._waiting_unscored.pop(request_id, None)
-        if moved is not None:
-            self._running_unscored[request_id] = moved
 
     def preempted(self, request_id: str) -> None:
-        rec = self._records.get(request_id)
-        if rec is None:
-            return
-        rec.running = False
+        """The request waits again (preempted, or a session's next chunk arrived)."""
         moved = self._running_unscored.pop(request_id, None)
         if moved is not None:
             self._waiting_unscored[request_id] = moved
 
     # ------------------------------------------------------------------ scoring states
+
+    def _settle(self, limit: int) -> list[Tracked]:
+        """The first ``limit`` records of the waiting index that really wait; records met
+        on the way whose requests were admitted move to the running index (once each)."""
+        waiting, is_admitted = self._waiting_unscored, self._is_admitted
+        out: list[Tracked] = []
+        moved: list[str] = []
+        for rid, rec in waiting.items():
+            if is_admitted(rec.request):
+                moved.append(rid)
+            else:
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+        running = self._running_unscored
+        for rid in moved:
+            running[rid] = waiting.pop(rid)
+        return out
+
+    def has_waiting_unscored(self) -> bool:
+        """Whether an unscored request waits (amortized O(1): see :meth:`_settle`)."""
+        return bool(self._waiting_unscored) and bool(self._settle(1))
 
     def pick_unscored(self, limit: int, *, with_running: bool = True) -> list[Tracked]:
         """Up to ``limit`` unscored records, waiting first (oldest first), then running ones
@@ -114,7 +138,9 @@ class RequestBook:
         Nothing changes until :meth:`set_state` moves each one on."""
         if not self._waiting_unscored or limit <= 0:
             return []
-        out = list(itertools.islice(self._waiting_unscored.values(), limit))
+        out = self._settle(limit)
+        if not out:
+            return []
         if with_running and len(out) < limit:
             out += itertools.islice(self._running_unscored.values(), limit - len(out))
         return out
@@ -125,14 +151,16 @@ class RequestBook:
         rec.state = state
         rec.score = score
         rid = rec.request_id
+        self._running_unscored.pop(rid, None)
         if state is ScoreState.UNSCORED:
-            (self._running_unscored if rec.running else self._waiting_unscored)[rid] = rec
+            self._waiting_unscored.pop(rid, None)
+            self._waiting_unscored[rid] = rec  # corrected to running on the next read if admitted
         else:
             self._waiting_unscored.pop(rid, None)
-            self._running_unscored.pop(rid, None)
 
     @property
     def num_waiting_unscored(self) -> int:
+        """Unscored requests waiting, at most (some may have been admitted since: see :meth:`_settle`)."""
         return len(self._waiting_unscored)
 
     @property

@@ -57,7 +57,8 @@ class ScoreJob:
     """One request to score, as plain data (picklable; no vLLM objects)."""
 
     request_id: str
-    # The prompt's token ids, up to PROMPT_DECODE_CAP (None: a prompt-embeds request).
+    # The prompt's token ids, up to PROMPT_DECODE_CAP (None: a prompt-embeds request). The
+    # scheduler passes the request's own list when it fits (no copy): read it, never change it.
     prompt_token_ids: list[int] | None
     num_prompt_tokens: int
     max_tokens: int | None = None

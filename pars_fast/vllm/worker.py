@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -161,12 +161,84 @@ def serve(scorer: Scorer, config: PARSConfig, chan: Channel, clock: Clock = REAL
             chan.send(("stats", stats()))
 
 
+# ---------------------------------------------------------------------- finished requests, compactly
+
+
+class ObservationBatch:
+    """Finished requests for the online learner, kept as columns of plain values: a
+    sequence of :class:`~pars_fast.vllm.scoring.Observation` that builds each one only
+    when read (in the worker).
+
+    A GPU-sized step finishes dozens of requests. Building two frozen dataclasses for
+    each (the observation and, for an unscored one, its job) in ``_free_request``, and
+    pickling them in the sender thread, cost the engine about 3x what appending four
+    values to lists costs (docs/BENCHMARKS.md, "A burst and a GPU-scale stream").
+    """
+
+    __slots__ = ("request_ids", "output_tokens", "flags", "prompts")
+
+    CAPPED = 1  # stopped by max_tokens: "at least output_tokens"
+    ABORTED = 2  # not a label: only forget the request
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.output_tokens: list[int] = []
+        self.flags: list[int] = []
+        # (prompt token ids, prompt tokens, max_tokens) of a request never scored, to embed it; else None
+        self.prompts: list[tuple[Any, int, int | None] | None] = []
+
+    def add(
+        self,
+        request_id: str,
+        output_tokens: int,
+        length_capped: bool,
+        aborted: bool,
+        prompt: tuple[Any, int, int | None] | None = None,
+    ) -> None:
+        self.request_ids.append(request_id)
+        self.output_tokens.append(output_tokens)
+        self.flags.append(self.CAPPED * length_capped | self.ABORTED * aborted)
+        self.prompts.append(prompt)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def __getitem__(self, i: int) -> Observation:
+        rid, flags, prompt = self.request_ids[i], self.flags[i], self.prompts[i]
+        return Observation(
+            request_id=rid,
+            output_tokens=self.output_tokens[i],
+            length_capped=bool(flags & self.CAPPED),
+            aborted=bool(flags & self.ABORTED),
+            job=None if prompt is None else ScoreJob(rid, *prompt),
+        )
+
+    def __iter__(self) -> Iterator[Observation]:
+        return (self[i] for i in range(len(self.request_ids)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_observation_batch, (self.request_ids, self.output_tokens, self.flags, self.prompts))
+
+
+def _observation_batch(request_ids: list[str], output_tokens: list[int], flags: list[int], prompts: list[Any]) -> ObservationBatch:
+    batch = ObservationBatch()
+    batch.request_ids, batch.output_tokens, batch.flags, batch.prompts = request_ids, output_tokens, flags, prompts
+    return batch
+
+
 # ---------------------------------------------------------------------- parent side
 
 # Messages the parent may have queued for a process worker before sends are refused
-# (submit() returns False and the jobs stay unscored; observations are dropped and
-# counted). A full queue means the worker is far behind; piling more on helps nobody.
+# (submit() sends fewer jobs, or none, and the rest stay unscored; observations are
+# dropped and counted). A full queue means the worker is far behind; piling more on
+# helps nobody.
 SEND_QUEUE_MAX = 64
+# Prompt tokens in one "score" message at most (a job with more still goes, alone). A
+# process link's sender thread pickles a message in one call that holds the GIL: at
+# about 12 ns a token id, 65,536 tokens hold it about 1 ms, so the engine thread never
+# waits longer for it (a burst of 128 prompts of 2,000 tokens in one message held it
+# 3.2 ms). docs/BENCHMARKS.md, "A burst and a GPU-scale stream".
+MESSAGE_TOKENS_MAX = 65_536
 
 
 @dataclass
@@ -201,7 +273,10 @@ class Link(Protocol):
 
     def is_alive(self) -> bool: ...
 
-    def kill(self) -> None: ...
+    def kill(self, grace_s: float = 0.0) -> None:
+        """End the worker: give it ``grace_s`` seconds to exit by itself (it answered
+        "stopped"), then force it."""
+        ...
 
 
 class QueueFullError(RuntimeError):
@@ -252,6 +327,7 @@ class ScoringWorker:
         self._last_progress = 0.0
         self._restart_at: float | None = None
         self._synced = 0  # last sync token answered
+        self._loss_unreported = False  # submit() found the worker gone: poll() reports it
 
     # -- lifecycle
 
@@ -279,7 +355,7 @@ class ScoringWorker:
                 raise PARSConfigError(f"PARS: the scoring worker did not start within {STARTUP_TIMEOUT_S:g} s")
             if msg[0] == "ready":
                 self._on_ready(msg[1])
-            elif msg[0] == "error":
+            elif msg[0] in ("error", "died"):
                 link.kill()
                 self._link = None
                 raise PARSConfigError(f"PARS: the scoring worker failed to start: {msg[1]}")
@@ -304,44 +380,64 @@ class ScoringWorker:
         return self._outstanding
 
     def close(self) -> None:
-        """Stop the worker: let it finish its current batch, then exit (kill it if it won't)."""
+        """Stop the worker: let it finish its current batch and exit; kill it if it has not
+        answered "stopped", or not exited, within STOP_TIMEOUT_S."""
         link, self._link = self._link, None
         if link is None:
             return
+        deadline = self.clock.now() + STOP_TIMEOUT_S
+        grace = 0.0
         try:
             link.send(("stop", None))
-            deadline = self.clock.now() + STOP_TIMEOUT_S
             while (remaining := deadline - self.clock.now()) > 0:
                 msg = link.recv(timeout=remaining)
                 if msg is None:
                     continue
                 if msg[0] == "stopped":
                     self.counters.worker_stats = msg[1]
+                    # It is exiting: let it, for the rest of the time (SIGKILL only after that).
+                    grace = max(0.0, deadline - self.clock.now())
                     break
         except (OSError, EOFError, QueueFullError):
             pass
-        link.kill()
+        link.kill(grace_s=grace)
         self._outstanding = 0
 
     # -- traffic
 
-    def submit(self, jobs: Sequence[ScoreJob]) -> bool:
-        """Queue jobs for scoring; False (nothing sent) when the worker cannot take them now."""
+    def submit(self, jobs: Sequence[ScoreJob]) -> int:
+        """Queue jobs for scoring, in order; returns how many were sent (0 when the worker
+        cannot take any now; fewer than ``len(jobs)`` when the link filled up meanwhile).
+
+        One message holds at most ``score_batch_max`` jobs and MESSAGE_TOKENS_MAX prompt
+        tokens, so no single hand-off is large (see MESSAGE_TOKENS_MAX)."""
         if not jobs or not self.accepting:
-            return False
+            return 0
         if self._outstanding == 0:
             self._last_progress = self.clock.now()  # the no-progress clock restarts with new work
-        try:
-            self._link.send(("score", list(jobs)))
-        except QueueFullError:
-            self.counters.sends_refused += 1
-            return False
-        except (OSError, EOFError, ValueError):
-            self._lost("died", f"its pipe closed ({self.mode} worker)")
-            return False
-        self._outstanding += len(jobs)
-        self.counters.jobs_submitted += len(jobs)
-        return True
+        batch_max = self.config.score_batch_max
+        sent = 0
+        while sent < len(jobs):
+            end, tokens = sent, 0
+            while end < len(jobs) and end - sent < batch_max:
+                ids = jobs[end].prompt_token_ids
+                tokens += 0 if ids is None else len(ids)
+                if tokens > MESSAGE_TOKENS_MAX and end > sent:
+                    break
+                end += 1
+            try:
+                self._link.send(("score", list(jobs[sent:end])))
+            except QueueFullError:
+                self.counters.sends_refused += 1
+                break
+            except (OSError, EOFError, ValueError):
+                self._lost("died", f"its pipe closed ({self.mode} worker)")
+                self._loss_unreported = True  # the next poll() tells the scheduler
+                return 0  # everything outstanding, these included, was just given up
+            self._outstanding += end - sent
+            self.counters.jobs_submitted += end - sent
+            sent = end
+        return sent
 
     def cancel(self, request_ids: Sequence[str]) -> None:
         """Jobs whose requests finished: the worker skips them if it has not started them
@@ -352,7 +448,9 @@ class ScoringWorker:
 
     def observe(self, observations: Sequence[Observation]) -> None:
         """Finished requests, for the online learner (dropped, and counted, when they cannot be sent)."""
-        if not self._send_quietly(("observe", list(observations))):
+        if not isinstance(observations, (list, ObservationBatch)):
+            observations = list(observations)
+        if not self._send_quietly(("observe", observations)):
             self.counters.observations_dropped += len(observations)
 
     def reset(self) -> None:
@@ -378,12 +476,13 @@ class ScoringWorker:
         results: list[tuple[str, float]] = []
         now = self.clock.now()
         if self._link is None:
-            if self._restart_at is not None and now >= self._restart_at:
+            lost, self._loss_unreported = self._loss_unreported, False
+            if not lost and self._restart_at is not None and now >= self._restart_at:
                 self._restart_at = None
                 self.counters.restarts += 1
                 logger.info("PARS: restarting the scoring worker")
                 self.start(wait=False)
-            return results, False
+            return results, lost
         while True:
             try:
                 msg = self._link.recv(timeout=0.0)
@@ -536,9 +635,11 @@ class _ThreadLink:
     def is_alive(self) -> bool:
         return self._thread.is_alive() or bool(self._held) or not self._from_worker.empty()
 
-    def kill(self) -> None:
+    def kill(self, grace_s: float = 0.0) -> None:
         # A thread cannot be killed: it is abandoned (a daemon), and its queues with it.
         self._to_worker.put(("stop", None))
+        if grace_s > 0:
+            self._thread.join(timeout=grace_s)
 
 
 def _thread_main(config: PARSConfig, tokenizer: Any, chan: _QueueChannel) -> None:
@@ -574,10 +675,14 @@ class _ConnChannel:
 class _ProcessLink:
     """A child process (``python -m pars_fast.vllm.worker FD``) over a socket pair.
 
-    Sends go through a bounded queue to a sender thread, which pickles and writes them:
-    a burst of long prompts is megabytes, and a blocking ``Connection.send`` would hold
-    ``schedule()`` until the worker, busy with a batch, reads. The engine thread only
-    queues (``QueueFullError`` when ``SEND_QUEUE_MAX`` messages are waiting).
+    The engine thread never touches the socket. Sends go through a bounded queue to a
+    sender thread, which pickles and writes them: a burst of long prompts is megabytes,
+    and a blocking ``Connection.send`` would hold ``schedule()`` until the worker, busy
+    with a batch, reads (``QueueFullError`` when ``SEND_QUEUE_MAX`` messages are waiting).
+    Answers are read by a receiver thread into an in-process queue, so ``recv(0)`` and
+    ``is_alive()`` make no system call: a poll of the socket and a ``waitpid`` cost each
+    step 70 us (measured in the GPU-scale benchmark, where the step follows the model's
+    wait on a cold cache). The worker's exit shows as the end of its socket.
     """
 
     def __init__(self, owner: ScoringWorker) -> None:
@@ -602,10 +707,14 @@ class _ProcessLink:
             "nice": owner.config.nice,
         }
         self._conn.send_bytes(pickle.dumps(init))
-        self._outbox: queue.Queue[Any] = queue.Queue(maxsize=SEND_QUEUE_MAX)
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._send_error: BaseException | None = None
+        self._ended = False  # the socket reached its end: the worker exited
         self._sender = threading.Thread(target=self._send_loop, name="pars-send", daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name="pars-recv", daemon=True)
         self._sender.start()
+        self._receiver.start()
 
     def _send_loop(self) -> None:
         while True:
@@ -618,35 +727,54 @@ class _ProcessLink:
                 self._send_error = exc
                 return
 
+    def _recv_loop(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (OSError, EOFError) as exc:
+                self._ended = True
+                self._inbox.put(("died", f"its pipe closed ({type(exc).__name__})"))
+                return
+            except Exception as exc:  # a message that does not unpickle here: treat the worker as broken
+                self._inbox.put(("error", f"unreadable message ({type(exc).__name__}: {exc})"))
+                return
+            self._inbox.put(msg)
+
     def push_back(self, msgs: list[Any]) -> None:
         self._held.extendleft(reversed(msgs))
 
     def send(self, msg: Any) -> None:
         if self._send_error is not None or not self._sender.is_alive():
             raise EOFError(f"the scoring worker's pipe closed ({self._send_error})")
-        try:
-            self._outbox.put_nowait(msg)
-        except queue.Full:
-            raise QueueFullError(f"{SEND_QUEUE_MAX} messages are waiting to be sent") from None
+        if self._outbox.qsize() >= SEND_QUEUE_MAX:
+            raise QueueFullError(f"{SEND_QUEUE_MAX} messages are waiting to be sent")
+        self._outbox.put(msg)
 
     def recv(self, timeout: float) -> Any | None:
         if self._held:
             return self._held.popleft()
-        if not self._conn.poll(timeout):
+        try:
+            return self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
             return None
-        return self._conn.recv()
 
     def is_alive(self) -> bool:
-        return self._proc.poll() is None and self._send_error is None
+        return not self._ended and self._send_error is None
 
-    def kill(self) -> None:
+    def kill(self, grace_s: float = 0.0) -> None:
+        """SIGKILL the process unless it exits within ``grace_s`` (after "stopped" it is
+        already on its way out: killing it then would only turn exit code 0 into -9)."""
+        if self._proc.poll() is None and grace_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=grace_s)
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
-        # The worker is gone, so a send in progress fails at once; then the sender exits.
-        with contextlib.suppress(queue.Full):
-            self._outbox.put_nowait(_CLOSE)
+        # The worker is gone, so a send in progress fails at once and the socket ends:
+        # both threads exit.
+        self._outbox.put(_CLOSE)
         self._sender.join(timeout=1.0)
+        self._receiver.join(timeout=1.0)
         self._conn.close()
 
 
