@@ -156,13 +156,15 @@ class PARSConfig:
     # prompts/s in full batches (~80/s one by one); raise it where one engine core must
     # rank more arrivals than that. None: torch's setting.
     threads: int | None = 1
-    # JSON file the engine core rewrites with the counters after every scored batch;
-    # "{pid}" and "{dp_rank}" are filled in. None: no file.
+    # JSON file the engine core rewrites with the counters, at most once a second while
+    # serving and again when it goes idle and at shutdown; "{pid}" and "{dp_rank}" are
+    # filled in. None: no file.
     stats_file: str | None = None
     # Seconds between INFO log lines with the counters; 0 turns them off.
     log_interval_s: float = 60.0
-    # Online adaptation to the served model's own output lengths (a worker's text ranker
-    # only): true/false or an object of OnlineConfig's fields (pars_fast.online).
+    # Online adaptation to the served model's own output lengths (a text ranker's, in a
+    # worker or inline, where it is bounded per step): true/false or an object of
+    # OnlineConfig's fields (pars_fast.online).
     online: OnlineConfig = field(default_factory=OnlineConfig)
     # One JSONL row per finished request: a path, or {"path", "prompts", "max_bytes",
     # "backups"} (pars_fast.traces.TraceConfig). None: no trace.

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -705,19 +706,60 @@ def _warn_about_other_priority_users(vllm_config: VllmConfig) -> None:
     """PARS writes ``Request.priority`` (scores x 1e6 plus aging): any other reader of it
     now sees those numbers. LMCache's vLLM connector skips saving the KV of requests whose
     priority exceeds its ``priority_limit``: with PARS that gate cuts at an arbitrary score."""
-    kv = getattr(vllm_config, "kv_transfer_config", None)
-    connector = getattr(kv, "kv_connector", None) or ""
-    if "lmcache" not in connector.lower():
-        return
-    extra = getattr(kv, "kv_connector_extra_config", None) or {}
-    limit = os.environ.get("LMCACHE_PRIORITY_LIMIT") or extra.get("priority_limit") or extra.get("lmcache.priority_limit")
-    if limit not in (None, ""):
+    limit = lmcache_priority_limit(getattr(vllm_config, "kv_transfer_config", None), os.environ)
+    if limit is not None:
         logger.warning(
             "PARS: LMCache's priority_limit=%s is set, but PARS sets Request.priority to score x %d plus aging, so "
             "LMCache would skip saving the KV of requests by their predicted length; unset priority_limit "
-            "(LMCACHE_PRIORITY_LIMIT) when serving with PARS (docs/ARCHITECTURE.md, 'Other users of priority')",
+            "(LMCACHE_PRIORITY_LIMIT, or its LMCACHE_CONFIG_FILE) when serving with PARS "
+            "(docs/ARCHITECTURE.md, 'Other users of priority')",
             limit, PRIORITY_UNITS_PER_SCORE,
         )
+
+
+def lmcache_priority_limit(kv_transfer_config: Any, environ: Mapping[str, str]) -> Any:
+    """The ``priority_limit`` an LMCache connector of this engine would apply, or None.
+
+    LMCache reads it from the connector's extra config (``lmcache.priority_limit``), else
+    ``LMCACHE_PRIORITY_LIMIT``, else the YAML file named by ``LMCACHE_CONFIG_FILE`` (its
+    remote config service is not read). A ``MultiConnector`` is searched through its
+    ``connectors``. LMCache's multi-process connector (``LMCacheMPConnector``) has no
+    such gate. 0 is a limit too (every request with a positive priority skipped)."""
+    connectors = []
+    stack = [kv_transfer_config]
+    while stack:
+        kv = stack.pop()
+        name = str(_field(kv, "kv_connector") or "")
+        extra = _field(kv, "kv_connector_extra_config") or {}
+        if name == "MultiConnector":
+            stack.extend(extra.get("connectors") or ())
+        elif "lmcache" in name.lower() and name != "LMCacheMPConnector":
+            connectors.append(extra)
+    if not connectors:
+        return None
+    for extra in connectors:  # the last word: vLLM's --kv-transfer-config
+        if extra.get("lmcache.priority_limit") is not None:
+            return extra["lmcache.priority_limit"]
+    if environ.get("LMCACHE_PRIORITY_LIMIT") not in (None, ""):
+        return environ["LMCACHE_PRIORITY_LIMIT"]
+    path = environ.get("LMCACHE_CONFIG_FILE")
+    if path:
+        import yaml  # vLLM's own dependency
+
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:  # LMCache itself will complain; PARS only checks
+            logger.debug("PARS: could not read LMCACHE_CONFIG_FILE %s (%s)", path, exc)
+        else:
+            if isinstance(loaded, dict) and loaded.get("priority_limit") is not None:
+                return loaded["priority_limit"]
+    return None
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A KV transfer config's field, whether it is vLLM's object or a plain dict (MultiConnector's entries)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 class PARSAsyncScheduler(PARSScheduler, AsyncScheduler):
