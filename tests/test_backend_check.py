@@ -235,3 +235,33 @@ def test_a_failing_reference_leaves_the_backend_unverified(tiny_bert, tokenizer,
     assert rec["passed"] is None and r.backend_name == "hf" and rec["backend"] == "hf"
     assert "not verified" in rec["reason"] and "reference unavailable" in rec["reason"]
     assert len(_records(caplog, logging.WARNING)) == 1
+
+
+# ---------------------------------------------------------------------- the verdict in the scheduler's stats
+
+
+class VerdictRanker:
+    """A text ranker that carries a self-check verdict, as a Ranker on CUDA does."""
+
+    backend_check = {"checked": "triton", "backend": "torch", "passed": False, "reason": "a test's verdict",
+                     "max_abs_diff": 0.5, "flipped_pairs": 3, "pairs": 10}
+
+    def score(self, prompts):
+        return np.array([len(p) for p in prompts], dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread", "process"])
+def test_the_verdict_appears_in_the_scheduler_stats(tiny_llama_dir, mode):
+    """Wherever the ranker runs, pars_stats() (and so the stats file and /metrics) says
+    which backend serves and what the self-check measured."""
+    from pars_fast.sim.harness import make_scheduler, make_vllm_config
+    from pars_fast.vllm import PARSScheduler
+
+    pars = {"ranker": f"{__name__}:VerdictRanker", "worker": mode, "online": False}
+    sched = make_scheduler(PARSScheduler, make_vllm_config(tiny_llama_dir, pars=pars))
+    try:
+        stats = sched.pars_stats()
+        assert stats["worker"]["mode"] == mode
+        assert stats["worker"]["backend_check"] == VerdictRanker.backend_check
+    finally:
+        sched.shutdown()

@@ -74,6 +74,7 @@ from pars_fast.vllm.scoring import (
     OnlineScorer,
     ScoreJob,
     ScoringStats,
+    backend_check_of,
     build_scorer,
     cheap_scorer,
     default_ranker_path,
@@ -370,10 +371,13 @@ class PARSScheduler(Scheduler):
             worker: dict[str, Any] = {k: v for k, v in asdict(self._worker.counters).items() if k != "worker_stats"}
             worker["in_flight"] = self._worker.in_flight
             worker["mode"] = self._worker.mode
-            worker.update({k: v for k, v in self._worker.info.items() if k in ("pid", "cpus", "warmup_s")})
+            worker.update({k: v for k, v in self._worker.info.items() if k in ("pid", "cpus", "warmup_s", "backend_check")})
         else:
             scoring = self._guard.stats.to_dict() if self._guard is not None else ScoringStats().to_dict()
             worker = {"mode": "inline"}
+            check = None if self._guard is None else backend_check_of(self._guard.scorer)
+            if check is not None:
+                worker["backend_check"] = check
             if self._inline_online is not None:
                 scoring["online"] = self._inline_online.stats()
         given_up = self._given_up

@@ -171,6 +171,19 @@ class Observation:
     job: ScoreJob | None = None  # set for requests that were never scored (to embed them)
 
 
+def backend_check_of(scorer: Any) -> dict[str, Any] | None:
+    """The Triton self-check's verdict of the ranker behind a scorer (``Ranker.backend_check``:
+    which backend serves, and the measured difference), or None when no check ran."""
+    for _ in range(4):  # OnlineScorer -> TextRankerScorer -> Ranker
+        check = getattr(scorer, "backend_check", None)
+        if isinstance(check, dict):
+            return check
+        scorer = getattr(scorer, "inner", None) or getattr(scorer, "ranker", None)
+        if scorer is None:
+            return None
+    return None
+
+
 class OnlineScorer:
     """A text ranker whose scores an :class:`~pars_fast.online.OnlineLearner` blends with
     what finished requests taught it. Runs where the ranker runs (the worker).

@@ -60,6 +60,7 @@ from pars_fast.vllm.scoring import (
     ScoreJob,
     Scorer,
     ScoringStats,
+    backend_check_of,
     build_scorer,
 )
 
@@ -787,7 +788,11 @@ def _warm_up(scorer: Scorer, clock: Clock = REAL_CLOCK) -> dict[str, Any]:
     warm = getattr(scorer, "warm_up", None)
     if warm is not None:
         warm()
-    return {"pid": os.getpid(), "warmup_s": clock.now() - start, "scorer": scorer.name}
+    info = {"pid": os.getpid(), "warmup_s": clock.now() - start, "scorer": scorer.name}
+    check = backend_check_of(scorer)
+    if check is not None:
+        info["backend_check"] = check
+    return info
 
 
 def _process_main(fd: int) -> int:
