@@ -224,6 +224,18 @@ def test_small_queues_stay_fcfs_until_min_queue(build, factory, tokenizer):
     assert_empty(sched)
 
 
+@pytest.mark.parametrize("mode, expected", [("inline", 6), ("thread", 6), ("process", 1)])
+def test_auto_min_queue_follows_where_the_ranker_runs(build, mode, expected):
+    """In a worker process ranking costs the engine nothing, so "auto" ranks any backlog;
+    where it takes the engine core's time, only a backlog of two full batches."""
+    sched = build(pars={"ranker": spec(NumberRanker), "worker": mode}, max_num_seqs=3)
+    try:
+        assert sched.pars_stats()["min_queue"] == expected
+        assert sched.pars_stats()["worker"]["mode"] == mode
+    finally:
+        sched.shutdown()
+
+
 def test_one_batch_per_step_and_nothing_for_scored_requests(build, factory, tokenizer):
     sched = build(pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None}}, max_num_seqs=1)
     for n in range(10):

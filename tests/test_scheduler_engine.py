@@ -178,7 +178,7 @@ def test_pars_fast_serve_answers_completions_and_its_trace_trains_a_ranker(tiny_
                         break
             except OSError:
                 time.sleep(1)
-        # Three prompts for one slot: two wait (min_queue "auto" = 2 here), so the ranker,
+        # Three prompts for one slot: two wait (min_queue "auto" = 1 with a worker process), so the ranker,
         # in its worker process, scores them (40 tokens each: long enough for its answer to come back).
         prompts = ["3 little pigs", "7 dwarfs", "1 ring"]
         body = json.dumps({"model": str(tiny_llama_dir), "prompt": prompts, "max_tokens": 40, "ignore_eos": True})

@@ -210,7 +210,11 @@ class PARSScheduler(Scheduler):
             self._worker.start()  # loads and warms up the ranker; a bad one fails here
         self._max_in_flight = MAX_BATCHES_IN_FLIGHT * config.score_batch_max
         self._ranking = RankingPolicy(
-            min_queue=config.min_queue if config.min_queue != "auto" else auto_min_queue(self.max_num_running_reqs),
+            min_queue=(
+                config.min_queue
+                if config.min_queue != "auto"
+                else auto_min_queue(self.max_num_running_reqs, self._worker.mode if self._worker is not None else "inline")
+            ),
             budget_s=config.fallback.budget_s,
             max_share=config.fallback.max_share,
             batch_max=config.score_batch_max,
@@ -701,9 +705,16 @@ def _is_admitted(request: Request) -> bool:
     return request.status in _ADMITTED
 
 
-def auto_min_queue(max_num_seqs: int) -> int:
-    """``min_queue: "auto"``: rank once this many requests wait beyond what a step admits."""
-    return 2 * max_num_seqs
+def auto_min_queue(max_num_seqs: int, scoring: str) -> int:
+    """``min_queue: "auto"``: rank once this many requests wait beyond what a step admits.
+
+    ``scoring``: where the ranker runs. In a worker process (a GPU server's spare CPUs)
+    ranking costs the engine nothing, so any backlog is ranked: on a simulated H100 the
+    2 x ``max_num_seqs`` gate (2,048 there) kept PARS from ranking at all below 2x capacity
+    (docs/BENCHMARKS.md, "Simulated GPU serving"). Inline or in a thread, ranking takes
+    the engine core's time, so only a backlog of two full batches pays for it (measured
+    on the CPU engine: docs/BENCHMARKS.md, "When to rank")."""
+    return 1 if scoring == "process" else 2 * max_num_seqs
 
 
 def _warn_about_other_priority_users(vllm_config: VllmConfig) -> None:
