@@ -345,9 +345,29 @@ def sharegpt_split(
 ) -> tuple[list[Sample], list[Sample]]:
     """ShareGPT ``(train, test)`` with the 90/10 seed-42 split, cached under ``$PARS_FAST_HOME/data``.
 
+    The split is made on the samples as the ranker's own tokenizer (MiniLM) counts them,
+    and is the same prompts under every tokenizer: a tokenizer that gives some response
+    no token drops a different set of pairs, and a permutation of that other list would
+    put ~87% of its "test" prompts in the rankers' training split (it did, for Llama 3:
+    970 of 1,113). Under another tokenizer, a prompt is test when it is in the reference
+    test split and not in its train split (a few prompts open two conversations); pairs
+    the reference dropped go to train, never to test.
+
     Counting 11k response lengths takes ~15 s on 2 cores (60k with ``all_turns``:
     about a minute), so the sample list is cached per tokenizer.
     """
+    samples = _sharegpt_samples(all_turns, tokenizer)
+    reference = _sharegpt_samples(all_turns, None)
+    if [s.prompt for s in samples] == [s.prompt for s in reference]:
+        return train_test_split(samples, test_frac=test_frac, seed=seed)
+    ref_train, ref_test = train_test_split(reference, test_frac=test_frac, seed=seed)
+    train_prompts = {s.prompt for s in ref_train}
+    test_prompts = {s.prompt for s in ref_test} - train_prompts
+    return [s for s in samples if s.prompt not in test_prompts], [s for s in samples if s.prompt in test_prompts]
+
+
+def _sharegpt_samples(all_turns: bool, tokenizer: Any) -> list[Sample]:
+    """Every ShareGPT pair with its response length in ``tokenizer``, cached per tokenizer."""
     tok = _resolve_tokenizer(tokenizer)
     kind = "all" if all_turns else "first"
     cache = home() / "data" / f"sharegpt-{kind}-v{_CACHE_FORMAT}-{tokenizer_id(tok)}.jsonl"
@@ -360,7 +380,7 @@ def sharegpt_split(
     if not samples:
         samples = load_sharegpt(all_turns=all_turns, tokenizer=tok)
         save_jsonl(samples, cache)
-    return train_test_split(samples, test_frac=test_frac, seed=seed)
+    return samples
 
 
 # The later-turn evaluation set: a fixed-seed sample of this many later-turn pairs
