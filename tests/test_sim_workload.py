@@ -156,7 +156,7 @@ def test_another_rate_tokenizes_nothing_again(llama):
 def test_sharegpt_test_at_ten_thousand_requests(llama):
     w = build_workload("sharegpt-test", LLAMA, 10_000, seed=0, arrivals="gamma:2", rate_rps=20.0, max_model_len=4096)
     info = w.info
-    assert len(w) == 10_000 and info["available"] > 1000
+    assert len(w) == 10_000 and info["available"] > 900  # the test split's 985 prompts
     assert info["distinct"] == info["available"] - info["skipped_too_long"] - info["skipped_empty"]
     assert info["resampled"] == 10_000 - info["distinct"]
     assert all(r.prompt_token_ids[0] == 128000 and r.prompt_len + r.output_tokens <= 4096 for r in w.requests)

@@ -60,8 +60,11 @@ def start_worker(ranker: type, tokenizer) -> ScoringWorker:
     return worker
 
 
-def test_a_stopped_worker_process_exits_with_code_0(tiny_llama_dir):
-    """Through the scheduler, as vLLM shuts it down: the process ends by itself."""
+def test_a_stopped_worker_process_exits_with_code_0(tiny_llama_dir, monkeypatch):
+    """Through the scheduler, as vLLM shuts it down: the process ends by itself. (The
+    stop timeout is raised: on a loaded 2-core machine an interpreter's exit can take
+    longer than the shipped 5 s, and this test is about who ends the process.)"""
+    monkeypatch.setattr(worker_module, "STOP_TIMEOUT_S", 60.0)
     sched = make_scheduler(
         PARSScheduler, make_vllm_config(tiny_llama_dir, pars={"ranker": spec(LengthRanker), "worker": "process"})
     )
@@ -69,7 +72,7 @@ def test_a_stopped_worker_process_exits_with_code_0(tiny_llama_dir):
     start = time.monotonic()
     sched.shutdown()
     assert proc.returncode == 0  # not -SIGKILL
-    assert time.monotonic() - start < STOP_TIMEOUT_S
+    assert time.monotonic() - start < worker_module.STOP_TIMEOUT_S
 
 
 def test_a_worker_busy_past_the_timeout_is_killed(tokenizer, monkeypatch):

@@ -115,8 +115,9 @@ class PARSConfig:
     # Scaled to the default ranker, whose held-out scores have std 0.94 and a 5-95th
     # percentile range of 2.8: that range is crossed after 93 s. Chosen on a simulated
     # H100 serving Llama-3.1-8B at 1.5x capacity (docs/BENCHMARKS.md, "Simulated GPU
-    # serving", the aging curve): 0.03 keeps all of 0.01's mean-latency gain (1.32x FCFS)
-    # while its P99 falls from 1.69x to 1.38x FCFS's. Oracle scores are tokens.
+    # serving", the aging curve): 0.03 keeps all of 0.01's mean-latency gain (FCFS/PARS
+    # 1.27x against 1.25x) while its P99 falls from 1.65x to 1.30x FCFS's. Oracle scores
+    # are tokens.
     aging: float = 0.03
     # Rank only when at least this many requests wait beyond what a step can admit; below
     # that the queue stays FCFS. "auto": 1 when the ranker runs in a worker process (it
