@@ -357,7 +357,7 @@ def sharegpt_split(
     about a minute), so the sample list is cached per tokenizer.
     """
     samples = _sharegpt_samples(all_turns, tokenizer)
-    reference = _sharegpt_samples(all_turns, None)
+    reference = samples if tokenizer is None else _sharegpt_samples(all_turns, None)
     if [s.prompt for s in samples] == [s.prompt for s in reference]:
         return train_test_split(samples, test_frac=test_frac, seed=seed)
     ref_train, ref_test = train_test_split(reference, test_frac=test_frac, seed=seed)

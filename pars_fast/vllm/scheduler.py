@@ -222,8 +222,7 @@ class PARSScheduler(Scheduler):
         )
         # Online learning needs a text ranker; traces work with any scorer.
         self._online = (self._worker is not None and config.online.enabled) or self._inline_online is not None
-        # Finished requests for the online learner: columns for a worker, Observations inline.
-        self._observations: ObservationBatch | deque[Observation] = ObservationBatch() if self._worker is not None else deque()
+        self._observations = self._new_observations()
         self._cancels: list[str] = []  # finished requests whose jobs the worker may skip: sent once a step
         self._trace: TraceWriter | None = None
         if config.trace is not None:
@@ -279,8 +278,7 @@ class PARSScheduler(Scheduler):
         self._left_waiting = self._queue_depth()
         # Everything for the worker goes at the end of the step, so that a process link's
         # sender thread pickles it while the model runs, not while the next step does.
-        if self._cancels:
-            self._send_cancels()
+        self._send_cancels()
         if (
             self._worker is not None
             and self._book.num_waiting_unscored
@@ -306,13 +304,14 @@ class PARSScheduler(Scheduler):
             self.clock.now(), ran=status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         )
         scored = rec is not None and rec.state is ScoreState.SCORED
+        tried = rec is not None and rec.state is not ScoreState.UNSCORED  # it reached a scorer
         if rec is not None:
             if rec.state is ScoreState.UNSCORED:
                 self.counters.requests_unranked += 1
             elif rec.state is ScoreState.SUBMITTED and self._worker is not None:
                 self._cancels.append(rid)  # sent with the next step's messages
         if self._online:
-            self._observe(request, scored=scored)
+            self._observe(request, scored=scored, tried=tried)
         if self._trace is not None:
             self._trace_row(request, rec)
         freed = super()._free_request(request, *args, **kwargs)
@@ -347,7 +346,7 @@ class PARSScheduler(Scheduler):
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         """Also forget what the online learner learned: its labels came from the model as it was."""
         if self._online:
-            self._observations = ObservationBatch() if self._worker is not None else deque()
+            self._observations = self._new_observations()
             if self._worker is not None:
                 self._worker.reset()
             else:
@@ -479,7 +478,12 @@ class PARSScheduler(Scheduler):
             return ids[:cap]
         return ids
 
-    def _observe(self, request: Request, scored: bool) -> None:
+    def _new_observations(self) -> ObservationBatch | deque[Observation]:
+        """An empty buffer of finished requests for the online learner: columns for a
+        worker (pickled by its sender thread), Observations for the inline learner."""
+        return ObservationBatch() if self._worker is not None else deque()
+
+    def _observe(self, request: Request, scored: bool, tried: bool) -> None:
         """Queue a finished request for the online learner (sent once per step).
 
         One whose score never came back (never submitted, or finished first) carries its
@@ -496,8 +500,10 @@ class PARSScheduler(Scheduler):
             observations.add(request.request_id, request.num_output_tokens, capped, not label, prompt)
             return
         # Inline, an unscored request would have to be embedded inside a step, so it is no
-        # label; it is still sent as "aborted" (forget only): a NaN score or an overrun batch
-        # left a record for it in the learner.
+        # label. One that reached the scorer is still sent, as "aborted" (forget only): a NaN
+        # score or an overrun batch left a record for it in the learner; the others left none.
+        if not tried:
+            return
         observations.append(
             Observation(
                 request_id=request.request_id,
@@ -514,7 +520,7 @@ class PARSScheduler(Scheduler):
             return
         if self._worker is not None:
             self._worker.observe(self._observations)
-            self._observations = ObservationBatch()
+            self._observations = self._new_observations()
             return
         online = self._inline_online
         if online is None:
