@@ -151,7 +151,9 @@ def _sim_run(task: tuple) -> tuple:
                            runtime=lambda clock: sim_runtime(clock, None, lambda rid: 0, rcost))
     else:
         table = ScoreTable("noisy oracle" if policy == "noise" else policy, np.asarray(scores, dtype=np.float64), None)
-        engine = SimEngine(PARSScheduler, dep, cost, pars={"ranker": "default", "log_interval_s": 0, "online": False},
+        # prompt_weight 0: the curve is what the order of the scores is worth, nothing else.
+        pars = {"ranker": "default", "log_interval_s": 0, "online": False, "prompt_weight": 0}
+        engine = SimEngine(PARSScheduler, dep, cost, pars=pars,
                            runtime=lambda clock: sim_runtime(clock, table, lambda rid: int(rid), rcost))
     run = engine.run(reqs)
     tau = kendall_tau(np.asarray(scores), lengths) if scores is not None else float("nan")
@@ -199,7 +201,8 @@ def sim_main(args: argparse.Namespace) -> int:
             real[name] = table.scores[[r.sample for r in burst]]
     print(f"SIMULATION: {args.sim_model} on {args.sim_tp} x {args.sim_gpu} ({dep.num_blocks:,} KV blocks, max_num_seqs "
           f"{dep.max_num_seqs}); {cost.description}; ranker cost: {rcost.source}; {args.n} ShareGPT test requests; "
-          f"capacity {capacity:.2f} req/s; PARSScheduler's shipped defaults, online adaptation off")
+          f"capacity {capacity:.2f} req/s; PARSScheduler's shipped defaults, online adaptation off, "
+          f"prompt_weight 0 (the scores' order alone)")
     tasks = []
     for load in args.loads.split(","):
         if load == "burst":

@@ -424,19 +424,41 @@ def sharegpt_later(n: int = SHAREGPT_LATER_N, tokenizer: Any = None, seed: int =
     return samples
 
 
+def sharegpt_val(tokenizer: Any = None) -> list[Sample]:
+    """The first-turn train split's **validation slice**: the prompts ``pars-fast train``
+    holds out of every fit (and of the kNN memories) to pick checkpoints and blends, with
+    its default ``val_frac``, ``max_val`` and seed, less the few whose text is also a
+    fitted prompt ("hi", "Hello"). It is where scheduler settings are chosen
+    (``pars-fast sim --data sharegpt-val``) without looking at the test split. Under
+    another tokenizer, the same prompts: the train samples with those prompts."""
+    from pars_fast.training.config import split_validation  # training imports this module
+
+    reference, _ = sharegpt_split()
+    fit, val = split_validation(reference)
+    fitted = {s.prompt for s in fit}
+    held = [s for s in val if s.prompt not in fitted]
+    if tokenizer is None:
+        return held
+    prompts = {s.prompt for s in held}
+    train, _ = sharegpt_split(tokenizer=tokenizer)
+    return [s for s in train if s.prompt in prompts]
+
+
 def load_dataset(spec: str, tokenizer: Any = None) -> list[Sample]:
     """Samples named by a CLI spec: ``sharegpt``/``sharegpt-train``/``sharegpt-test``,
-    ``sharegpt-all[-train|-test]``, ``sharegpt-later`` (evaluation only), ``humaneval``,
-    or a ``.jsonl`` path."""
+    ``sharegpt-all[-train|-test]``, ``sharegpt-val`` (the train split's validation slice),
+    ``sharegpt-later`` (evaluation only), ``humaneval``, or a ``.jsonl`` path."""
     if spec == "sharegpt-later":
         return sharegpt_later(tokenizer=tokenizer)
+    if spec == "sharegpt-val":
+        return sharegpt_val(tokenizer=tokenizer)
     if spec.startswith("sharegpt"):
         rest = spec[len("sharegpt") :]
         all_turns = rest.startswith("-all")
         if all_turns:
             rest = rest[len("-all") :]
         if rest not in ("", "-train", "-test"):
-            raise DatasetError(f"unknown ShareGPT split {spec!r}: use sharegpt[-all][-train|-test] or sharegpt-later")
+            raise DatasetError(f"unknown ShareGPT split {spec!r}: use sharegpt[-all][-train|-test], sharegpt-val or sharegpt-later")
         train, test = sharegpt_split(all_turns=all_turns, tokenizer=tokenizer)
         return {"": train + test, "-train": train, "-test": test}[rest]
     if spec == "humaneval":
@@ -445,7 +467,7 @@ def load_dataset(spec: str, tokenizer: Any = None) -> list[Sample]:
     if path.suffix == ".jsonl" or path.exists():
         return load_jsonl(path, tokenizer=tokenizer)
     raise DatasetError(
-        f"unknown dataset {spec!r}: use sharegpt[-all][-train|-test], sharegpt-later, humaneval, "
+        f"unknown dataset {spec!r}: use sharegpt[-all][-train|-test], sharegpt-val, sharegpt-later, humaneval, "
         "or a path to a .jsonl file"
     )
 
@@ -508,6 +530,7 @@ __all__ = [
     "sharegpt_later",
     "sharegpt_path",
     "sharegpt_split",
+    "sharegpt_val",
     "tokenizer_id",
     "train_test_split",
 ]

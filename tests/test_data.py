@@ -130,6 +130,23 @@ def test_sharegpt_test_split_is_the_same_prompts_under_another_tokenizer():
     assert not {s.prompt for s in train3} & {s.prompt for s in test3}
 
 
+def test_sharegpt_val_is_the_slice_training_holds_out():
+    """`sharegpt-val`, where scheduler settings are chosen: the validation slice `pars-fast
+    train` holds out of its fits, none of it test, and the same prompts under Llama 3."""
+    from pars_fast.sim.workload import served_tokenizer
+    from pars_fast.training.config import split_validation
+
+    train, test = sharegpt_split()
+    fit, held = split_validation(train)
+    val = load_dataset("sharegpt-val")
+    val_prompts, fit_prompts = {s.prompt for s in val}, {s.prompt for s in fit}
+    assert val == [s for s in held if s.prompt not in fit_prompts] and len(val) > 0.9 * len(held)
+    assert not val_prompts & fit_prompts
+    assert len(val_prompts & {s.prompt for s in test}) < 0.02 * len(val)  # openers the test split shares
+    val3 = load_dataset("sharegpt-val", tokenizer=served_tokenizer("meta-llama/Meta-Llama-3.1-8B"))
+    assert {s.prompt for s in val3} == val_prompts
+
+
 def test_jsonl_both_formats(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(

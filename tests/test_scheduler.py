@@ -224,6 +224,55 @@ def test_small_queues_stay_fcfs_until_min_queue(build, factory, tokenizer):
     assert_empty(sched)
 
 
+def test_prompt_weight_adds_the_prompts_cost_to_the_score(build, factory, tokenizer):
+    """prompt_weight w keys a request by score + w * log2(prompt tokens): a long prompt
+    queues behind a short one with a slightly higher score. Before its score comes, the
+    mean score plus the same term, so the prompt orders unscored requests too."""
+    numbers, fillers = [1, 2, 3], [120, 20, 0]  # low scores on long prompts
+    t0 = time.time()
+
+    def order(weight: float, min_queue: int = 1) -> tuple[list[int], PARSScheduler]:
+        sched = build(
+            pars={"ranker": spec(NumberRanker), "worker": "inline", "fallback": {"budget_s": None},
+                  "min_queue": min_queue, "prompt_weight": weight, "aging": 0},
+            max_num_seqs=1,
+        )
+        reqs = [
+            factory.make(prompt_ids(tokenizer, f"n {n}" + " x" * k), 2, arrival_time=t0 + i * 1e-3)
+            for i, (n, k) in enumerate(zip(numbers, fillers))
+        ]
+        holder = factory.make(prompt_ids(tokenizer, "n 0"), 2, arrival_time=t0 - 1)  # holds the one slot
+        for r in [holder, *reqs]:
+            sched.add_request(r)
+        ids = admission_order(run_until_idle(sched))
+        assert ids[0] == holder.request_id
+        return [numbers[[r.request_id for r in reqs].index(i)] for i in ids[1:]], sched
+
+    assert order(0.0)[0] == [1, 2, 3]  # the score alone
+    got, sched = order(1.0)  # log2 tokens ~ 7, 4.5, 1.6: keys ~ 8, 6.5, 4.6
+    assert got == [3, 2, 1]
+    assert sched.pars_stats()["requests_scored"] == 4  # with the holder
+    assert sched.pars_stats()["prompt_weight"] == 1.0
+    assert_empty(sched)
+    # Never ranked (min_queue not reached): arrival order for w = 0, prompt order for w > 0.
+    got, sched = order(0.0, min_queue=50)
+    assert got == [1, 2, 3] and sched.pars_stats()["requests_scored"] == 0
+    got, sched = order(1.0, min_queue=50)
+    assert got == [3, 2, 1] and sched.pars_stats()["requests_scored"] == 0
+
+
+def test_prompt_weight_leaves_the_reference_rankers_pure(build, factory):
+    """Oracle SJF stays the output-length reference whatever prompt_weight says."""
+    sched = build(pars={"ranker": "oracle", "prompt_weight": 5.0}, max_num_seqs=1)
+    assert sched.pars_stats()["prompt_weight"] == 0
+    t0 = time.time()
+    reqs = [factory.make([3] * p, n, arrival_time=t0 + i * 1e-3) for i, (p, n) in enumerate([(2, 9), (60, 3), (30, 6)])]
+    for r in reqs:
+        sched.add_request(r)
+    assert admission_order(run_until_idle(sched)) == [reqs[1].request_id, reqs[2].request_id, reqs[0].request_id]
+    assert_empty(sched)
+
+
 @pytest.mark.parametrize("mode, expected", [("inline", 6), ("thread", 6), ("process", 1)])
 def test_auto_min_queue_follows_where_the_ranker_runs(build, mode, expected):
     """In a worker process ranking costs the engine nothing, so "auto" ranks any backlog;
@@ -734,6 +783,7 @@ def test_async_scheduling_picks_async_variant(build, factory):
         ({"ranker": "oracle", "agin": 1}, r"unknown key\(s\) \['agin'\]"),
         ({"ranker": "/nonexistent/ranker"}, "ranker folder not found: '/nonexistent/ranker'"),
         ({"ranker": "oracle", "aging": "fast"}, r'\["aging"\]: expected a number'),
+        ({"ranker": "oracle", "prompt_weight": -1}, r'\["prompt_weight"\]'),
         ({"ranker": "oracle", "score_batch_max": 0}, "positive integer"),
         ({"ranker": "oracle", "threads": 0}, r'\["threads"\]: expected a positive integer'),
         ({"ranker": "oracle", "fallback": {"budget": 1}}, r"fallback.*unknown key"),

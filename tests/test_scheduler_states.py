@@ -205,7 +205,7 @@ def test_a_sessions_next_chunk_queues_at_its_new_arrival_time(build, factory):
     keys, ``aging * (arrival - t0)``. A opens at t0, B at t0 + 1; B's next chunk arrives
     at t0 + 10, A's at t0 + 11, so B is the earlier arrival now and goes first.
     Catches: the key of the session's first arrival (e4dd69f: A first)."""
-    pars = {"ranker": spec(TaskRanker), "worker": "inline", "min_queue": 1000, "aging": 1.0}
+    pars = {"ranker": spec(TaskRanker), "worker": "inline", "min_queue": 1000, "aging": 1.0, "prompt_weight": 0}
     sched = build(pars, max_num_seqs=2, max_num_batched_tokens=8)
     t0 = CLOCK.wall()
     a = factory.make([3] * 8, 2, request_id="A", arrival_time=t0, resumable=True)
@@ -232,7 +232,7 @@ def test_a_score_on_its_way_for_a_sessions_old_prompt_is_dropped(build, factory,
     dropped when it lands; S is scored again on its grown prompt once a queue forms
     behind it (Y), and keyed by that score (1).
     Catches: applying the stale score (e4dd69f: S keyed 5, never scored again)."""
-    pars = {"ranker": spec(GatedRanker), "worker": "thread", "min_queue": 1, "aging": 0.0, "online": False}
+    pars = {"ranker": spec(GatedRanker), "worker": "thread", "min_queue": 1, "aging": 0.0, "online": False, "prompt_weight": 0}
     sched = build(pars, virtual=False, max_num_seqs=1)
     t0 = CLOCK.wall()
     s = factory.make(ids_of(tokenizer, "task 5"), 2, request_id="S", arrival_time=t0, resumable=True)

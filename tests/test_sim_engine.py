@@ -221,8 +221,9 @@ def test_worker_latency_delays_when_scores_apply():
     reqs = requests(80, output=(20, 40))  # a burst
     dep = deployment(max_num_seqs=2)
     table = oracle_table(reqs)
-    fast = pars_engine(reqs, dep, ConstantCost(0.01), table=table, worker="process", min_queue=1).run(reqs)
-    slow = pars_engine(reqs, dep, ConstantCost(0.01), table=table, worker="process", min_queue=1,
+    pure = {"worker": "process", "min_queue": 1, "prompt_weight": 0}  # the order is the scores' alone
+    fast = pars_engine(reqs, dep, ConstantCost(0.01), table=table, **pure).run(reqs)
+    slow = pars_engine(reqs, dep, ConstantCost(0.01), table=table, **pure,
                        score_batch_max=128, ranker_cost=RankerCost(latency, 0.0, "slow")).run(reqs)
 
     def admitted_before(run, t):

@@ -463,6 +463,7 @@ def run_sim(config: SimConfig, log: Log = _print) -> dict[str, Any]:
             "deployment": deployment.to_dict(),
             "step_cost": {"name": cost.name, "description": cost.description},
             "ranker": ranker_dir,
+            "pars_defaults": _pars_defaults(),
             "ranker_cost": ranker_cost.to_dict(),
             "environment": _environment(),
             "command": " ".join(sys.argv),
@@ -544,6 +545,14 @@ def _config_dict(c: SimConfig) -> dict[str, Any]:
     d.pop("jobs", None)  # how many ran at once does not change a number
     d.pop("out_dir", None)
     return d
+
+
+def _pars_defaults() -> dict[str, Any]:
+    """The PARSScheduler settings every pars policy starts from (the shipped ones)."""
+    from pars_fast.vllm.config import PARSConfig
+
+    d = PARSConfig()
+    return {"aging": d.aging, "prompt_weight": d.prompt_weight, "min_queue": d.min_queue, "score_batch_max": d.score_batch_max}
 
 
 def _environment() -> dict[str, Any]:

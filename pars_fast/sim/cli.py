@@ -86,7 +86,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "preset), or a linear coefficients JSON (pars-fast sim calibrate)")
     g.add_argument("--overhead-ms", type=float, default=None, help="per-step overhead on top of the forward pass")
     g = parser.add_argument_group("workload")
-    g.add_argument("--data", default="sharegpt-test", help="sharegpt-test, sharegpt-later, humaneval or FILE.jsonl (as pars-fast eval)")
+    g.add_argument("--data", default="sharegpt-test", help="sharegpt-test, sharegpt-val (where settings are chosen), sharegpt-later, humaneval or FILE.jsonl (as pars-fast eval)")
     g.add_argument("-n", "--n", type=_positive(int), default=10_000, help="requests per load (resampled past the data's size)")
     g.add_argument("--rates", type=_rates, default=_rates("0.5,0.8,1,1.2,1.5,2"),
                    help="loads: multiples of the measured capacity (1.5), req/s (20rps) or 'burst'")

@@ -52,6 +52,16 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return {"json": path, "markdown": md, **{p.stem: p for p in plots}}
 
 
+def _pars_line(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    shipped = meta.get("pars_defaults") or {}
+    text = "PARS: " + (", ".join(f"{k} {v}" for k, v in shipped.items()) or "–") + " (shipped defaults)"
+    if cfg.get("pars"):
+        text += f"; every pars policy with {json.dumps(cfg['pars'])}"
+    if cfg.get("variants"):
+        text += "; variants: " + ", ".join(f"{name} {json.dumps(v)}" for name, v in cfg["variants"].items())
+    return text + "; pars-frozen: online adaptation off."
+
+
 def markdown_report(result: dict[str, Any], plots: Sequence[Path] = ()) -> str:
     meta, cfg, dep = result["meta"], result["meta"]["config"], result["meta"]["deployment"]
     first = next(iter(result["workload"].values()))
@@ -67,6 +77,7 @@ def markdown_report(result: dict[str, Any], plots: Sequence[Path] = ()) -> str:
         f"Ranker: `{Path(str(meta['ranker'])).name if meta['ranker'] else '–'}`; its cost: "
         f"{meta['ranker_cost']['per_batch_s'] * 1e3:.2f} ms a batch + {meta['ranker_cost']['per_prompt_s'] * 1e3:.2f} ms "
         f"a prompt ({meta['ranker_cost']['source']}).",
+        _pars_line(meta, cfg),
         f"Workload: {cfg['n']:,} requests from {first['source']} ({cfg['arrivals']} arrivals, seed {cfg['seed']}), "
         f"tokenized with {first.get('tokenizer')}; response tokens mean {first['response_len']['mean']:.0f}, "
         f"p50 {first['response_len']['p50']:.0f}, p90 {first['response_len']['p90']:.0f}.",

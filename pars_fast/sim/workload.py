@@ -12,7 +12,7 @@
   A missing tokenizer is an error, never a silent stand-in: sizes counted in another
   model's vocabulary would shift every prefill and KV figure the simulator prices.
 * **Data**: the names and files of ``pars-fast eval --data`` (:func:`pars_fast.data.load_dataset`):
-  ``sharegpt-test``, ``sharegpt-later``, ``humaneval``, ``FILE.jsonl`` (``response_len``
+  ``sharegpt-test``, ``sharegpt-val``, ``sharegpt-later``, ``humaneval``, ``FILE.jsonl`` (``response_len``
   taken as given, so it must already be in the served tokenizer; ``response`` text is
   counted here), including serving traces (:mod:`pars_fast.traces`).
 * **Fitting the model.** A sample whose prompt + response exceeds ``max_model_len`` is
@@ -263,7 +263,7 @@ def _source(data: str, tokenizer: Any) -> _Source:
         samples = load_dataset(data, tokenizer=tokenizer)
     except (DatasetError, FileNotFoundError) as exc:
         raise WorkloadError(
-            f"{exc} (sim data: sharegpt-test, sharegpt-later, humaneval, or a .jsonl of prompt/response_len rows or a trace)"
+            f"{exc} (sim data: sharegpt-test, sharegpt-val, sharegpt-later, humaneval, or a .jsonl of prompt/response_len rows or a trace)"
         ) from None
     if not samples:
         raise WorkloadError(f"no samples in {data!r}")

@@ -23,12 +23,14 @@ slots, the ranker's cost, the engine's time per request), so at light load the r
 does nothing at all. The model-free rankers (oracle, prompt-length) cost microseconds
 and score every arrival inline, before the step.
 
-The key is ``Request.priority``, an int: ``round((score + aging * (arrival_time - t0))
+The key is ``Request.priority``, an int: ``round((score + w * log2(prompt tokens) + aging * (arrival_time - t0))
 * PRIORITY_UNITS_PER_SCORE)`` (:mod:`pars_fast.aging`, the one aging mechanism). Aging
 is in the int, so the same number drives vLLM's preemption: ``self.policy`` is set to PRIORITY,
 whose victim is the running request with the largest ``(priority, arrival_time)``,
-i.e. the longest predicted response net of aging. A request without a score keeps
+i.e. the longest predicted request net of aging. A request without a score keeps
 the running mean score as its own: it holds its arrival-order place among the scored.
+The prompt term (``prompt_weight``, text rankers only) is the prompt's own cost, known
+at arrival, so it orders unscored requests too.
 
 Time comes from one :class:`~pars_fast.clock.Clock` (``pars_runtime``, see
 :mod:`pars_fast.vllm.runtime`): the machine's in production, a virtual one in
@@ -157,6 +159,7 @@ class PARSScheduler(Scheduler):
         # Preemption victim = max (priority, arrival_time) = longest predicted response.
         self.policy = SchedulingPolicy.PRIORITY
         self._aging = config.aging
+        self._prompt_weight = 0.0  # set below: text rankers only
         self._t0 = self.clock.wall()  # priorities count aging from here, to keep the ints small
         self._book = RequestBook(is_admitted=_is_admitted)
         self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
@@ -185,6 +188,8 @@ class PARSScheduler(Scheduler):
         self._decode_cap = PROMPT_DECODE_CAP
         tokenizer = None
         cheap = cheap_scorer(config)
+        if cheap is None:
+            self._prompt_weight = config.prompt_weight  # the references (oracle, prompt length) stay pure
         if cheap is not None:
             self._guard = GuardedScorer(cheap, config.fallback, clock=self.clock)
             self._decode_cap = 0  # they read lengths, not text
@@ -230,12 +235,13 @@ class PARSScheduler(Scheduler):
                 tokenizer = served_tokenizer(vllm_config.model_config)
             self._trace = TraceWriter(config.trace, tokenizer)
         logger.info(
-            "%s: ranker=%s scoring=%s aging=%g/s min_queue=%d score_batch_max=%d%s",
+            "%s: ranker=%s scoring=%s aging=%g/s prompt_weight=%g min_queue=%d score_batch_max=%d%s",
             type(self).__name__,
             config.ranker,
             "inline" if self._worker is None else f"{mode} worker (pid {self._worker.info.get('pid')}, "
             f"cpus {self._worker.info.get('cpus', 'any')}, warm-up {self._worker.info.get('warmup_s', 0):.2f} s)",
             self._aging,
+            self._prompt_weight,
             self._ranking.min_queue,
             config.score_batch_max,
             "" if config.fallback.budget_s is None else f" budget_s={config.fallback.budget_s:g}",
@@ -250,7 +256,7 @@ class PARSScheduler(Scheduler):
                 self._warned_client_priority = True
                 logger.warning("PARS: client request priorities are ignored; the ranker's score sets the order")
             # FCFS key until scored (and for good if it never is): set before vLLM queues it.
-            request.priority = self._priority(self._mean_score, request.arrival_time)
+            request.priority = self._priority(self._mean_score, request)
         super().add_request(request)
         if is_new:
             params = request.kv_transfer_params
@@ -328,7 +334,7 @@ class PARSScheduler(Scheduler):
         new arrival, so it gets a new FCFS key and is scored again (its old score was for
         a prompt it no longer has)."""
         super()._update_request_as_session(session, update)
-        session.priority = self._priority(self._mean_score, session.arrival_time)
+        session.priority = self._priority(self._mean_score, session)
         for queue in (self.waiting, self.kv_holding_waiting):
             if session in queue:
                 queue.update_request(session)
@@ -402,6 +408,7 @@ class PARSScheduler(Scheduler):
             "worker": worker,
             "ranker": self.pars_config.ranker,
             "min_queue": self._ranking.min_queue,
+            "prompt_weight": self._prompt_weight,
             "num_waiting": self._queue_depth(),
             "num_running": num_running,
             "num_unscored": self._book.num_unscored,
@@ -426,8 +433,12 @@ class PARSScheduler(Scheduler):
         self._flush_observations(everything=True)
         return self._worker.sync(timeout_s)
 
-    def _priority(self, score: float, arrival_time: float) -> int:
-        return aged_priority(score, arrival_time, self._t0, self._aging)
+    def _priority(self, score: float, request: Request) -> int:
+        """The request's key: its score (or the mean score while it has none), plus the
+        prompt's cost term, aged by its arrival time."""
+        if self._prompt_weight:
+            score += self._prompt_weight * math.log2(max(1, request.num_prompt_tokens))
+        return aged_priority(score, request.arrival_time, self._t0, self._aging)
 
     def _queue_depth(self) -> int:
         """Requests queued for admission (a streaming session paused for input is queued,
@@ -648,7 +659,7 @@ class PARSScheduler(Scheduler):
         self._mean_score += (score - self._mean_score) / self._num_scores
         self.counters.scores_applied += 1
         request = rec.request
-        priority = self._priority(score, request.arrival_time)
+        priority = self._priority(score, request)
         if priority == request.priority:
             return
         request.priority = priority
