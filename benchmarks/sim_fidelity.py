@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost", required=True, help="linear step costs fitted to that engine (pars-fast sim calibrate)")
     parser.add_argument("--ranker-cost", default="cpu", help="the ranker's cost inline (pars_fast.sim.ranking.RANKER_COSTS)")
     parser.add_argument("--json", type=Path, default=None, help="also write the comparison here")
+    parser.add_argument("--prompt-weight", type=float, default=None,
+                        help="simulate PARS with this prompt_weight instead of the run's (what another key would have done)")
     args = parser.parse_args(argv)
     logging.getLogger("vllm").setLevel(logging.ERROR)
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     table = score_table(ranker_dir, texts)
     rcost = ranker_cost(args.ranker_cost)
     aging = meta.get("aging")
+    # Runs recorded before prompt_weight existed keyed by the score alone.
+    prompt_weight = meta.get("prompt_weight", 0.0) if args.prompt_weight is None else args.prompt_weight
 
     def engine_for(policy: str, reqs: list[SimRequest]) -> SimEngine:
         def sample_of(rid: str) -> int:
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def pars(ranker: str, tbl, extra: dict) -> SimEngine:
             settings = {"ranker": ranker, "log_interval_s": 0, "worker": "inline", **extra}
+            if prompt_weight is not None:
+                settings["prompt_weight"] = prompt_weight
             if aging is not None:
                 settings["aging"] = aging
             return SimEngine(PARSScheduler, dep, cost, pars=settings,

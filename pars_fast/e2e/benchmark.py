@@ -356,6 +356,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 "model": model,
                 "ranker": ranker_dir,
                 "aging": _effective_aging(config.aging),
+                "prompt_weight": _shipped_prompt_weight(),
                 "min_queue": 2 * config.max_num_seqs,  # PARSScheduler's "auto" (the bench never sets it)
                 "schedule": mode,
                 "environment": environment_info(),
@@ -520,6 +521,16 @@ def _effective_aging(aging: float | None) -> float | None:
         from pars_fast.vllm.config import PARSConfig
 
         return PARSConfig().aging
+    except ImportError:
+        return None
+
+
+def _shipped_prompt_weight() -> float | None:
+    """The pars policy's prompt_weight (the bench never overrides it; a --variant may)."""
+    try:
+        from pars_fast.vllm.config import PARSConfig
+
+        return PARSConfig().prompt_weight
     except ImportError:
         return None
 

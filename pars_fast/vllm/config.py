@@ -124,9 +124,10 @@ class PARSConfig:
     # response; on a GPU, where each step's prefill chunk slows every decode in it, the
     # prompt's own cost matters as much. 0 orders by the ranker's score alone. Chosen on a
     # simulated H100 serving Llama-3.1-8B, on the default ranker's validation prompts
-    # (docs/BENCHMARKS.md, "The prompt's cost"): 0.5 is within 2% of the best mean latency
-    # there at 1.5x, 2x and on a burst, while the score still weighs as much as a 4x
-    # longer prompt. The term is free, so it orders requests before they are scored.
+    # (docs/BENCHMARKS.md, "The prompt's cost"): 0.5 is within 3% of the best mean latency
+    # there (w = 1) at 1.5x, 2x and on a burst, with better per-token latency at 2x, and
+    # the score still weighs as much as a 4x longer prompt. The term is free, so it orders
+    # requests before they are scored.
     # Text rankers only (oracle and prompt-length are references and stay pure).
     prompt_weight: float = 0.5
     # Rank only when at least this many requests wait beyond what a step can admit; below
