@@ -115,9 +115,10 @@ class PARSConfig:
     # Scaled to the default ranker, whose held-out scores have std 0.94 and a 5-95th
     # percentile range of 2.8: that range is crossed after 93 s. Chosen on a simulated
     # H100 serving Llama-3.1-8B at 1.5x capacity (docs/BENCHMARKS.md, "Simulated GPU
-    # serving", the aging curve): 0.03 keeps all of 0.01's mean-latency gain (FCFS/PARS
-    # 1.27x against 1.25x) while its P99 falls from 1.65x to 1.30x FCFS's. Oracle scores
-    # are tokens.
+    # serving", the aging curve, with prompt_weight 0.5): 0.03 keeps 95% of 0.01's
+    # mean-latency gain in log terms (FCFS/PARS 1.84x against 1.90x) while its P99 falls
+    # from 1.59x to 1.41x FCFS's. A ranker whose scores spread wider needs it scaled by
+    # the same factor (and prompt_weight too). Oracle scores are tokens.
     aging: float = 0.03
     # Score units added per doubling of the prompt's tokens: the part of a request's cost
     # that its prompt states exactly (prefill compute, KV space). The ranker predicts the
