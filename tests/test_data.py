@@ -227,4 +227,4 @@ def test_unknown_dataset_spec():
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("imagenet")
     with pytest.raises(DatasetError, match="unknown ShareGPT split"):
-        load_dataset("sharegpt-val")
+        load_dataset("sharegpt-dev")
