@@ -208,8 +208,10 @@ def make_policy(
             raise ValueError("policy 'pars-frontend' needs a ranker folder")
         from pars_fast.vllm.config import PARSConfig
 
+        shipped = PARSConfig()
         return PolicySpec(name, scheduling_policy="priority", frontend_ranker=ranker_dir,
-                          frontend_aging=PARSConfig().aging if aging is None else aging)
+                          frontend_aging=shipped.aging if aging is None else aging,
+                          frontend_prompt_weight=shipped.prompt_weight)
     if name == "sjf-priority":
         return PolicySpec(name, scheduling_policy="priority", priorities=[j.max_tokens for j in jobs])
     if name == "pars-priority":

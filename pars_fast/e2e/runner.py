@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -106,6 +107,7 @@ class PolicySpec:
     # score as vLLM's priority (pars-frontend: the ranker in the serving front end).
     frontend_ranker: str | None = None
     frontend_aging: float = 0.0
+    frontend_prompt_weight: float = 0.0
     # More of vLLM's additional_config, merged with "pars" (e.g. a step recorder's "step_log").
     additional_config: dict[str, Any] | None = None
 
@@ -434,8 +436,10 @@ async def _replay(
         priority = int(priorities[i])
         if frontend is not None:
             # Scored on arrival, in the front end's event loop (as a server would), before
-            # the request reaches the engine; aging as PARSScheduler folds it in.
+            # the request reaches the engine; the prompt's cost and aging as PARSScheduler
+            # folds them in.
             score = float(frontend.score([spec.prompts[i]])[0])  # type: ignore[index]
+            score += spec.policy.frontend_prompt_weight * math.log2(max(1, len(spec.prompt_token_ids[i])))
             priority = round((score + spec.policy.frontend_aging * (submit - t0)) * 1_000_000)
             frontend_s += time.monotonic() - submit
         task = await _submit(engine, f"{load}-{i}", rendered[i], params(spec.max_tokens[i]), priority)
