@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PRIORITY_UNITS_PER_SCORE", "aged_priority", "aging_wait_bound"]
+__all__ = ["PRIORITY_UNITS_PER_SCORE", "aged_priority", "aging_wait_bound", "prompt_cost"]
 
 # Integer priority units per score unit (vLLM's Request.priority is an int). Fine
 # enough that scores 1e-6 apart get distinct priorities (closer ones, such as
@@ -55,6 +55,13 @@ def aged_priority(score: float, arrival_time: float, origin: float, rate: float)
     is served first. Python's ``round`` (half to even) makes the int.
     """
     return round((score + rate * (arrival_time - origin)) * PRIORITY_UNITS_PER_SCORE)
+
+
+def prompt_cost(num_prompt_tokens: int, weight: float) -> float:
+    """The prompt's own cost in score units, added to a request's score before aging:
+    ``weight`` per doubling of its tokens (``prompt_weight``). It widens the score range
+    the wait bound below is computed on by ``weight * log2(longest / shortest prompt)``."""
+    return weight * math.log2(max(1, num_prompt_tokens)) if weight else 0.0
 
 
 def aging_wait_bound(s_min: float, s_max: float, rate: float) -> float:

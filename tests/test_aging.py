@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pars_fast.aging import PRIORITY_UNITS_PER_SCORE, aged_priority, aging_wait_bound
+from pars_fast.aging import PRIORITY_UNITS_PER_SCORE, aged_priority, aging_wait_bound, prompt_cost
 from pars_fast.queue import ScoredRequestQueue
 
 
@@ -56,6 +56,12 @@ def test_units_per_score():
 
 
 # ------------------------------------------------------------ wait bound --
+
+
+def test_prompt_cost_hand_worked():
+    assert prompt_cost(1024, 0.5) == 5.0  # ten doublings
+    assert prompt_cost(1, 0.5) == prompt_cost(0, 0.5) == 0.0  # an empty prompt costs what one token does
+    assert prompt_cost(8192, 0.0) == 0.0
 
 
 def test_wait_bound_hand_worked():

@@ -206,12 +206,8 @@ def make_policy(
     if name == "pars-frontend":
         if ranker_dir is None:
             raise ValueError("policy 'pars-frontend' needs a ranker folder")
-        from pars_fast.vllm.config import PARSConfig
-
-        shipped = PARSConfig()
         return PolicySpec(name, scheduling_policy="priority", frontend_ranker=ranker_dir,
-                          frontend_aging=shipped.aging if aging is None else aging,
-                          frontend_prompt_weight=shipped.prompt_weight)
+                          frontend_aging=_effective_aging(aging), frontend_prompt_weight=_shipped("prompt_weight"))
     if name == "sjf-priority":
         return PolicySpec(name, scheduling_policy="priority", priorities=[j.max_tokens for j in jobs])
     if name == "pars-priority":
@@ -358,7 +354,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> dict[str, Any]:
                 "model": model,
                 "ranker": ranker_dir,
                 "aging": _effective_aging(config.aging),
-                "prompt_weight": _shipped_prompt_weight(),
+                "prompt_weight": _shipped("prompt_weight"),  # the bench never overrides it; a --variant may
                 "min_queue": 2 * config.max_num_seqs,  # PARSScheduler's "auto" (the bench never sets it)
                 "schedule": mode,
                 "environment": environment_info(),
@@ -517,24 +513,16 @@ def _loadavg() -> float | None:
 
 
 def _effective_aging(aging: float | None) -> float | None:
-    if aging is not None:
-        return aging
+    return aging if aging is not None else _shipped("aging")
+
+
+def _shipped(setting: str) -> Any:
+    """A PARSScheduler setting's shipped default (None where the scheduler cannot be imported)."""
     try:
         from pars_fast.vllm.config import PARSConfig
-
-        return PARSConfig().aging
     except ImportError:
         return None
-
-
-def _shipped_prompt_weight() -> float | None:
-    """The pars policy's prompt_weight (the bench never overrides it; a --variant may)."""
-    try:
-        from pars_fast.vllm.config import PARSConfig
-
-        return PARSConfig().prompt_weight
-    except ImportError:
-        return None
+    return getattr(PARSConfig(), setting)
 
 
 def _level_result(level: dict[str, Any]) -> dict[str, Any]:

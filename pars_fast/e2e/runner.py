@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -33,6 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TextIO
 
+from pars_fast.aging import aged_priority, prompt_cost
 from pars_fast.e2e.metrics import RequestTiming
 from pars_fast.e2e.workload import arrival_offsets
 
@@ -439,8 +439,8 @@ async def _replay(
             # the request reaches the engine; the prompt's cost and aging as PARSScheduler
             # folds them in.
             score = float(frontend.score([spec.prompts[i]])[0])  # type: ignore[index]
-            score += spec.policy.frontend_prompt_weight * math.log2(max(1, len(spec.prompt_token_ids[i])))
-            priority = round((score + spec.policy.frontend_aging * (submit - t0)) * 1_000_000)
+            score += prompt_cost(len(spec.prompt_token_ids[i]), spec.policy.frontend_prompt_weight)
+            priority = aged_priority(score, submit, t0, spec.policy.frontend_aging)
             frontend_s += time.monotonic() - submit
         task = await _submit(engine, f"{load}-{i}", rendered[i], params(spec.max_tokens[i]), priority)
         task.add_done_callback(lambda _t: bar.update(1))

@@ -60,7 +60,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from pars_fast.aging import PRIORITY_UNITS_PER_SCORE, aged_priority
+from pars_fast.aging import PRIORITY_UNITS_PER_SCORE, aged_priority, prompt_cost
 from pars_fast.queue import ScoredRequestQueue
 from pars_fast.traces import TraceRow, TraceWriter
 from pars_fast.vllm.book import RequestBook, ScoreState, Tracked
@@ -159,7 +159,6 @@ class PARSScheduler(Scheduler):
         # Preemption victim = max (priority, arrival_time) = longest predicted response.
         self.policy = SchedulingPolicy.PRIORITY
         self._aging = config.aging
-        self._prompt_weight = 0.0  # set below: text rankers only
         self._t0 = self.clock.wall()  # priorities count aging from here, to keep the ints small
         self._book = RequestBook(is_admitted=_is_admitted)
         self._mean_score = 0.0  # running mean of applied scores: where unscored requests queue
@@ -188,8 +187,8 @@ class PARSScheduler(Scheduler):
         self._decode_cap = PROMPT_DECODE_CAP
         tokenizer = None
         cheap = cheap_scorer(config)
-        if cheap is None:
-            self._prompt_weight = config.prompt_weight  # the references (oracle, prompt length) stay pure
+        # The prompt's cost joins text rankers' scores; the references (oracle, prompt length) stay pure.
+        self._prompt_weight = config.prompt_weight if cheap is None else 0.0
         if cheap is not None:
             self._guard = GuardedScorer(cheap, config.fallback, clock=self.clock)
             self._decode_cap = 0  # they read lengths, not text
@@ -436,8 +435,7 @@ class PARSScheduler(Scheduler):
     def _priority(self, score: float, request: Request) -> int:
         """The request's key: its score (or the mean score while it has none), plus the
         prompt's cost term, aged by its arrival time."""
-        if self._prompt_weight:
-            score += self._prompt_weight * math.log2(max(1, request.num_prompt_tokens))
+        score += prompt_cost(request.num_prompt_tokens, self._prompt_weight)
         return aged_priority(score, request.arrival_time, self._t0, self._aging)
 
     def _queue_depth(self) -> int:
